@@ -1,0 +1,172 @@
+"""The ``osimg`` command: a thin layer over the Python API.
+
+Verbs read like sentences (``osimg guest create``, ``osimg image list``). Errors raised on purpose
+(OsimgError) become one line on stderr and a non-zero exit code; ``--json`` prints machine output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import doctor, partitions
+from .context import Context
+from .errors import OsimgError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 512M or 2G") from None
+
+
+def emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# -- doctor -------------------------------------------------------------------------------------------
+def cmd_doctor(ctx: Context, a: argparse.Namespace) -> int:
+    rep = doctor.run(ctx.settings, ctx.hv, reprobe=a.reprobe)
+    if a.json:
+        emit_json({"ok": rep.ok, "versions": rep.versions, "accel": rep.accel,
+                   "checks": [asdict(c) for c in rep.checks], "home": str(ctx.settings.home)})
+        return 0 if rep.ok else 1
+    for k, v in rep.versions.items():
+        out.print(f"[bold]{k}[/]: {v}")
+    out.print(f"[bold]accelerator[/]: {rep.accel['label']} — {rep.accel['reason']}")
+    for c in rep.checks:
+        mark = "[green]ok[/]" if c.ok else "[red]FAIL[/]"
+        out.print(f"{mark} {c.name}: {c.detail}")
+    return 0 if rep.ok else 1
+
+
+# -- guest --------------------------------------------------------------------------------------------
+def cmd_guest_create(ctx: Context, a: argparse.Namespace) -> int:
+    with out.status(f"creating {a.name} from {a.image}", spinner="dots") if not a.json else _null():
+        g = partitions.create(ctx, a.name, a.image, memory_mib=a.memory, vcpus=a.vcpus,
+                              data_size=a.data_size or 0)
+        ready = partitions.wait_ready(ctx, g) if not a.no_wait else None
+    info = {"name": g.name, "image": g.image, "os_version": g.os_version, "accel": g.accel,
+            "ssh_port": g.ssh_port, "app_port": g.app_port, "ready_seconds": ready}
+    if a.json:
+        emit_json(info)
+    else:
+        accel = "KVM" if g.accel == "kvm" else "TCG"
+        when = f", SSH ready in {ready:.1f}s" if ready is not None else ""
+        out.print(f"guest {g.name} running {g.image} ({g.os_version}) under {accel}{when}; "
+                  f"ssh on 127.0.0.1:{g.ssh_port}")
+    return 0
+
+
+def cmd_guest_list(ctx: Context, a: argparse.Namespace) -> int:
+    rows = [{"name": g.name, "image": g.image, "os_version": g.os_version, "state": partitions.status(ctx, g),
+             "accel": g.accel, "ssh_port": g.ssh_port, "app_port": g.app_port, "hidden": g.hidden}
+            for g in partitions.all_guests(ctx, hidden=a.all)]
+    if a.json:
+        emit_json(rows)
+        return 0
+    t = Table("name", "image", "os", "state", "accel", "ssh", "app", title="guests (add --all for hidden builders)")
+    for r in rows:
+        t.add_row(*(str(r[k]) for k in ("name", "image", "os_version", "state", "accel", "ssh_port", "app_port")))
+    out.print(t)
+    return 0
+
+
+def cmd_guest_ssh(ctx: Context, a: argparse.Namespace) -> int:
+    g = partitions.load(ctx, a.name)
+    argv = [x for x in a.command if x != "--"] or ["cat", "/etc/os-release"]
+    with partitions.session(ctx, g, timeout=a.timeout) as s:
+        res = s.run(argv, timeout=a.timeout)
+    sys.stdout.write(res.out)
+    sys.stderr.write(res.err)
+    return res.rc
+
+
+def cmd_guest_rm(ctx: Context, a: argparse.Namespace) -> int:
+    for name in a.names:
+        partitions.remove(ctx, name)
+        if not a.json:
+            out.print(f"removed guest {name}")
+    if a.json:
+        emit_json({"removed": a.names})
+    return 0
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osimg", description="OS image management for libvirt guests")
+    p.add_argument("--home", help="state folder (default $OSIMG_HOME or /var/lib/osimg)")
+    p.add_argument("--uri", help="libvirt URI (default $OSIMG_URI or qemu:///system)")
+    p.add_argument("--store", help="cluster store URL (default sqlite under the home folder)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(parent: Any, name: str, fn: Callable[[Context, argparse.Namespace], int], help: str,
+            json_flag: bool = True) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    d = add(sub, "doctor", cmd_doctor, "check the host: versions, accelerator, permissions, disk")
+    d.add_argument("--reprobe", action="store_true", help="probe KVM again instead of using the cached result")
+
+    guest = sub.add_parser("guest", help="client guests").add_subparsers(dest="sub", required=True)
+    c = add(guest, "create", cmd_guest_create, "create and boot a guest on an overlay of an image")
+    c.add_argument("name")
+    c.add_argument("--image", required=True, help="catalog image name or recipe FAMILY:VERSION (e.g. tiny:v1)")
+    c.add_argument("--memory", type=int, help="MiB (default: the image's)")
+    c.add_argument("--vcpus", type=int, default=1)
+    c.add_argument("--data-size", type=parse_size, help="attach a data volume of this size (e.g. 256M)")
+    c.add_argument("--no-wait", action="store_true", help="return once started, without waiting for SSH")
+    ls = add(guest, "list", cmd_guest_list, "list guests")
+    ls.add_argument("--all", action="store_true", help="include hidden builder guests")
+    s = add(guest, "ssh", cmd_guest_ssh, "run a command in a guest over SSH (pinned host key)", json_flag=False)
+    s.add_argument("name")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    s.add_argument("--timeout", type=float, default=60)
+    r = add(guest, "rm", cmd_guest_rm, "destroy guests and delete their overlays and volumes")
+    r.add_argument("names", nargs="+")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    ctx = Context.from_env(home=a.home, uri=a.uri, store=a.store)
+    try:
+        return int(a.fn(ctx, a))
+    except OsimgError as e:
+        err.print(f"osimg: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("osimg: interrupted")
+        return 130
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

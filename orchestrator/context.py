@@ -1,0 +1,36 @@
+"""The handle every API call takes: settings plus a lazily opened hypervisor connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .doctor import AccelChoice, choose_accel
+from .hypervisor import Hypervisor
+from .settings import Settings
+
+
+@dataclass
+class Context:
+    settings: Settings
+    _hv: Hypervisor | None = field(default=None, repr=False)
+    _accel: AccelChoice | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, home: str | None = None, uri: str | None = None, store: str | None = None) -> Context:
+        return cls(Settings.from_env(home=home, uri=uri, store=store))
+
+    @property
+    def hv(self) -> Hypervisor:
+        if self._hv is None:
+            self._hv = Hypervisor(self.settings.uri)
+        return self._hv
+
+    @property
+    def accel(self) -> AccelChoice:
+        if self._accel is None:
+            self._accel = choose_accel(self.settings, self.hv)
+        return self._accel
+
+    def close(self) -> None:
+        if self._hv is not None:
+            self._hv.close()

@@ -1,0 +1,188 @@
+"""Per-guest changes on a shared base, delivered as a NoCloud config drive (label ``cidata``).
+
+The drive carries cloud-init's own formats (meta-data, ``#cloud-config`` user-data, network-config
+version 1), so a real distribution image with cloud-init accepts it unchanged; the tiny test image
+reads the same files with a small awk parser. The YAML is written by hand in block style with
+double-quoted scalars: valid YAML for cloud-init and a narrow subset for the tiny parser.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pycdlib
+
+from .errors import ValidationError
+from .validate import ip_address, ip_interface
+from .validate import name as valid_name
+
+USER_RE_ALLOWED = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+@dataclass
+class User:
+    name: str
+    uid: int | None = None
+    groups: list[str] = field(default_factory=list)
+    shell: str = "/bin/sh"
+    ssh_authorized_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Mount:
+    device: str  # "UUID=...", "LABEL=..." or a /dev path
+    path: str
+    fstype: str = "ext4"
+    options: str = "defaults"
+
+
+@dataclass
+class Customization:
+    """The design's per-LPAR changes: identity, network, mounts, scripts, accounts, kernel."""
+
+    hostname: str | None = None
+    address: str | None = None  # CIDR, e.g. 10.0.2.21/24
+    gateway: str | None = None
+    mounts: list[Mount] = field(default_factory=list)
+    init_scripts: list[str] = field(default_factory=list)
+    users: list[User] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    kernel_modules: list[str] = field(default_factory=list)
+    kernel_params: list[str] = field(default_factory=list)
+
+    def validate(self, where: str = "customization") -> Customization:
+        if self.hostname is not None:
+            valid_name(self.hostname, f"{where}.hostname")
+        if self.address is not None:
+            iface = ip_interface(self.address, f"{where}.address")
+            if "/" not in self.address:
+                raise ValidationError(f"{where}.address {self.address!r}: give a prefix length, e.g. 10.0.2.21/24")
+            if self.gateway is not None:
+                gw = ip_address(self.gateway, f"{where}.gateway")
+                if gw not in iface.network:
+                    raise ValidationError(f"{where}.gateway {gw} is outside the subnet {iface.network}")
+                if gw == iface.ip:
+                    raise ValidationError(f"{where}.gateway {gw} equals the guest's own address")
+        elif self.gateway is not None:
+            raise ValidationError(f"{where}.gateway given without {where}.address")
+        for g in self.groups:
+            _unix_name(g, f"{where}.groups")
+        for u in self.users:
+            _unix_name(u.name, f"{where}.users.name")
+            for g in u.groups:
+                _unix_name(g, f"{where}.users.{u.name}.groups")
+        for m in self.kernel_modules:
+            if not m or not set(m) <= USER_RE_ALLOWED:
+                raise ValidationError(f"{where}.kernel_modules: invalid module name {m!r}")
+        for p in self.kernel_params:
+            if not p or any(c.isspace() for c in p):
+                raise ValidationError(f"{where}.kernel_params: {p!r} must be one word without spaces")
+        for mnt in self.mounts:
+            if not mnt.path.startswith("/") or ".." in mnt.path:
+                raise ValidationError(f"{where}.mounts: path {mnt.path!r} must be absolute without '..'")
+        return self
+
+    @property
+    def netmask(self) -> str | None:
+        return str(ipaddress.IPv4Interface(self.address).netmask) if self.address else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Customization:
+        d = dict(data)
+        d["users"] = [User(**u) for u in d.get("users", [])]
+        d["mounts"] = [Mount(**m) for m in d.get("mounts", [])]
+        return cls(**d)
+
+
+def _unix_name(value: str, where: str) -> None:
+    if not value or not set(value) <= USER_RE_ALLOWED or value[0] == "-" or len(value) > 32:
+        raise ValidationError(f"{where}: invalid user or group name {value!r} (lowercase letters, digits, _ and -)")
+
+
+def _yaml(value: Any, indent: int = 0) -> list[str]:
+    """Block-style YAML with JSON-quoted strings: the subset both cloud-init and the tiny parser read."""
+    pad = " " * indent
+    lines: list[str] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(v, (dict, list)):
+                lines.append(f"{pad}{k}:")
+                lines.extend(_yaml(v, indent + 2))
+            else:
+                lines.append(f"{pad}{k}: {_scalar(v)}")
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, (dict, list)):
+                sub = _yaml(item, indent + 2)
+                first = sub[0][indent + 2:]
+                lines.append(f"{pad}- {first}")
+                lines.extend(sub[1:])
+            else:
+                lines.append(f"{pad}- {_scalar(item)}")
+    return lines
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    return json.dumps(str(v))
+
+
+def render(guest: str, c: Customization, instance_id: str) -> dict[str, str]:
+    """The three NoCloud files for one guest."""
+    meta = {"instance-id": instance_id, "local-hostname": c.hostname or guest}
+    ud: dict[str, Any] = {"hostname": c.hostname or guest}
+    if c.groups:
+        ud["groups"] = list(c.groups)
+    if c.users:
+        ud["users"] = [
+            {k: v for k, v in {
+                "name": u.name, "uid": u.uid, "groups": ",".join(u.groups) or None, "shell": u.shell,
+                "lock_passwd": True, "ssh_authorized_keys": u.ssh_authorized_keys or None,
+            }.items() if v is not None}
+            for u in c.users
+        ]
+    bootcmd = [f"modprobe {m}" for m in c.kernel_modules]
+    if c.kernel_modules:
+        ud["write_files"] = [{"path": "/etc/modules-load.d/osimg.conf",
+                              "content": "".join(f"{m}\n" for m in c.kernel_modules), "permissions": "0644"}]
+    if bootcmd:
+        ud["bootcmd"] = bootcmd
+    if c.mounts:
+        ud["mounts"] = [[m.device, m.path, m.fstype, m.options, "0", "2"] for m in c.mounts]
+    if c.init_scripts:
+        ud["runcmd"] = list(c.init_scripts)
+    files = {
+        "meta-data": "\n".join(_yaml(meta)) + "\n",
+        "user-data": "#cloud-config\n" + "\n".join(_yaml(ud)) + "\n",
+    }
+    if c.address:
+        subnet: dict[str, Any] = {"type": "static", "address": c.address.split("/")[0], "netmask": c.netmask}
+        if c.gateway:
+            subnet["gateway"] = c.gateway
+        net = {"version": 1, "config": [{"type": "physical", "name": "eth0", "subnets": [subnet]}]}
+        files["network-config"] = "\n".join(_yaml(net)) + "\n"
+    return files
+
+
+def write_config_drive(path: Path, files: dict[str, str]) -> None:
+    """An ISO9660 image labelled ``cidata`` with Rock Ridge and Joliet names (pure Python)."""
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
+    for i, (fname, text) in enumerate(sorted(files.items())):
+        data = text.encode()
+        iso.add_fp(io.BytesIO(data), len(data), f"/F{i}.;1", rr_name=fname, joliet_path=f"/{fname}")
+    tmp = path.with_suffix(".tmp")
+    iso.write(str(tmp))
+    iso.close()
+    tmp.rename(path)

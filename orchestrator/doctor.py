@@ -1,0 +1,130 @@
+"""Host checks: which accelerator really works, versions, and whether QEMU can read our files.
+
+The accelerator is probed once per host configuration and remembered in ``OSIMG_HOME/accel.json``:
+a hanging KVM costs the probe's full timeout, which no command should pay twice.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import stat
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import recipes
+from .hypervisor import Hypervisor
+from .settings import Settings
+
+QEMU_USER = "libvirt-qemu"
+
+
+@dataclass
+class AccelChoice:
+    accel: str  # libvirt domain type: "kvm" or "qemu" (TCG)
+    reason: str
+    probed_at: float
+    key: str
+
+    @property
+    def label(self) -> str:
+        return "KVM" if self.accel == "kvm" else "TCG (software emulation)"
+
+
+def _probe_key(hv: Hypervisor) -> str:
+    v = hv.versions()
+    return f"{v['libvirt']}|{v['hypervisor']}|{recipes.kernel_release()}|{os.path.exists('/dev/kvm')}"
+
+
+def choose_accel(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> AccelChoice:
+    """KVM when a real probe boots with it, else TCG; ``OSIMG_ACCEL`` overrides."""
+    if settings.accel:
+        accel = "kvm" if settings.accel == "kvm" else "qemu"
+        return AccelChoice(accel, f"forced by OSIMG_ACCEL={settings.accel}", time.time(), "forced")
+    key = _probe_key(hv)
+    cache = settings.home / "accel.json"
+    if not reprobe and cache.exists():
+        try:
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                return AccelChoice(**data)
+        except (ValueError, TypeError):
+            pass
+    settings.ensure_dirs()
+    kernel, initrd = recipes.probe_boot_files(settings)
+    ok, why = hv.probe_kvm(str(kernel), str(initrd), settings.home)
+    choice = AccelChoice("kvm" if ok else "qemu", why if ok else f"KVM unusable: {why}; falling back to TCG",
+                         time.time(), key)
+    cache.write_text(json.dumps(asdict(choice)))
+    return choice
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    versions: dict[str, str] = field(default_factory=dict)
+    accel: dict[str, object] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def _readable_by(path: Path, user: str) -> tuple[bool, str]:
+    """Can ``user`` traverse every parent of ``path``? The classic libvirt 'Permission denied' trap."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return True, f"user {user} does not exist (QEMU runs as another user; not checked)"
+    groups = {g.gr_gid for g in grp.getgrall() if user in g.gr_mem} | {pw.pw_gid}
+    p = path
+    chain = [p, *p.parents]
+    for d in reversed(chain):
+        if not d.exists():
+            continue
+        st = d.stat()
+        need = stat.S_IXOTH if d.is_dir() else stat.S_IROTH
+        if st.st_uid == pw.pw_uid or st.st_gid in groups or st.st_mode & need:
+            continue
+        return False, f"{d} (mode {stat.filemode(st.st_mode)}, owner {st.st_uid}) blocks user {user}"
+    return True, f"{user} can reach {path}"
+
+
+def _confinement() -> str:
+    notes = []
+    if Path("/sys/kernel/security/apparmor/profiles").exists():
+        notes.append("AppArmor active: libvirt's virt-aa-helper adds guest files to each domain's profile; "
+                     "backing files outside the pool may need an abstraction")
+    if Path("/sys/fs/selinux/enforce").exists() and Path("/sys/fs/selinux/enforce").read_text().strip() == "1":
+        notes.append("SELinux enforcing: image files need the virt_image_t label")
+    return "; ".join(notes) or "no AppArmor or SELinux confinement active"
+
+
+def run(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> Report:
+    rep = Report()
+    rep.versions = hv.versions()
+    choice = choose_accel(settings, hv, reprobe=reprobe)
+    rep.accel = {"accel": choice.accel, "label": choice.label, "reason": choice.reason,
+                 "probed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(choice.probed_at))}
+    settings.ensure_dirs()
+    for path, what in ((settings.home, "state folder"), (settings.cache, "image cache")):
+        ok, detail = _readable_by(path, QEMU_USER)
+        rep.checks.append(Check(f"{what} readable by QEMU", ok, detail))
+    rep.checks.append(Check("confinement", True, _confinement()))
+    free = shutil.disk_usage(settings.home).free
+    rep.checks.append(Check("free disk", free > 2 << 30, f"{free / (1 << 30):.1f} GiB free under {settings.home}"))
+    for tool in ("qemu-img", "mkfs.ext4", "qemu-storage-daemon"):
+        found = shutil.which(tool)
+        rep.checks.append(Check(f"tool {tool}", bool(found), found or "not installed (make setup)"))
+    return rep

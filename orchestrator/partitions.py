@@ -1,0 +1,233 @@
+"""Client guests (the design's client LPARs): a private qcow2 overlay on a shared read-only base.
+
+Each guest lives in ``OSIMG_HOME/guests/NAME/``: ``guest.json`` (its record), ``os.qcow2`` (its
+redirect-on-write delta), ``cidata.iso`` (its customization), ``data.qcow2`` (its application
+data, never an overlay of the OS) and ``console.log``. The libvirt domain has the same name and
+carries an osimg metadata element so ``guest list`` can tell our domains from anyone else's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import time
+import uuid as uuidlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import customize, images, storage
+from .context import Context
+from .errors import ConflictError, NotFoundError, OsimgError, ValidationError
+from .hypervisor import DiskSpec, DomainSpec, NetSpec, wait_for_serial
+from .remote import Session
+from .validate import name as valid_name
+
+DATA_LABEL = "osimg-data"
+
+
+@dataclass
+class Guest:
+    """A guest's record, persisted as guest.json next to its disks."""
+
+    name: str
+    image: str
+    base: str
+    kernel: str
+    initrd: str
+    cmdline: str
+    host_key: str
+    os_version: str
+    family: str
+    memory_mib: int
+    vcpus: int
+    accel: str
+    uuid: str
+    mac: str
+    ssh_port: int
+    app_port: int
+    guest_app_port: int
+    ready_marker: str
+    data_size: int = 0
+    data_uuid: str | None = None
+    hidden: bool = False
+    network: str | None = None
+    customization: dict[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+    def dir(self, ctx: Context) -> Path:
+        return ctx.settings.guests_dir / self.name
+
+    def overlay(self, ctx: Context) -> Path:
+        return self.dir(ctx) / "os.qcow2"
+
+    def data_volume(self, ctx: Context) -> Path | None:
+        return self.dir(ctx) / "data.qcow2" if self.data_uuid else None
+
+    def config_drive(self, ctx: Context) -> Path:
+        return self.dir(ctx) / "cidata.iso"
+
+    def console(self, ctx: Context) -> Path:
+        return self.dir(ctx) / "console.log"
+
+    def custom(self) -> customize.Customization:
+        return customize.Customization.from_dict(self.customization)
+
+    def save(self, ctx: Context) -> None:
+        path = self.dir(ctx) / "guest.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.rename(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def load(ctx: Context, name: str) -> Guest:
+    valid_name(name, "guest name")
+    path = ctx.settings.guests_dir / name / "guest.json"
+    if not path.exists():
+        raise NotFoundError(f"no guest named {name!r} (see 'osimg guest list')")
+    return Guest(**json.loads(path.read_text()))
+
+
+def all_guests(ctx: Context, hidden: bool = False) -> list[Guest]:
+    out = []
+    root = ctx.settings.guests_dir
+    if root.exists():
+        for p in sorted(root.glob("*/guest.json")):
+            g = Guest(**json.loads(p.read_text()))
+            if hidden or not g.hidden:
+                out.append(g)
+    return out
+
+
+def domain_spec(ctx: Context, g: Guest) -> DomainSpec:
+    """The libvirt domain for a guest record: OS overlay, config drive, data volume, forwards."""
+    disks = [DiskSpec("vda", path=str(g.overlay(ctx)))]
+    if g.config_drive(ctx).exists():
+        disks.append(DiskSpec("vdb", path=str(g.config_drive(ctx)), fmt="raw", readonly=True))
+    data = g.data_volume(ctx)
+    if data is not None:
+        disks.append(DiskSpec("vdc", path=str(data), serial="osimg-data"))
+    extra = " ".join(g.custom().kernel_params)
+    net = (NetSpec(mode="network", network=g.network, mac=g.mac) if g.network else
+           NetSpec(forwards={22: g.ssh_port, g.guest_app_port: g.app_port}, mac=g.mac))
+    return DomainSpec(
+        name=g.name, uuid=g.uuid, kernel=g.kernel, initrd=g.initrd,
+        cmdline=f"{g.cmdline} {extra}".strip(), disks=disks, serial_log=str(g.console(ctx)),
+        accel=g.accel, memory_mib=g.memory_mib, vcpus=g.vcpus, net=net,
+        metadata={"home": str(ctx.settings.home), "image": g.image, "hidden": "1" if g.hidden else "0",
+                  "ssh-port": str(g.ssh_port), "app-port": str(g.app_port)},
+    )
+
+
+def write_customization(ctx: Context, g: Guest) -> None:
+    c = g.custom()
+    if g.data_uuid and not any(m.path == "/data" for m in c.mounts):
+        c.mounts.append(customize.Mount(device=f"UUID={g.data_uuid}", path="/data"))
+    customize.write_config_drive(g.config_drive(ctx), customize.render(g.name, c, g.uuid))
+
+
+def create(
+    ctx: Context,
+    name: str,
+    image: str,
+    custom: customize.Customization | None = None,
+    memory_mib: int | None = None,
+    vcpus: int = 1,
+    data_size: int = 0,
+    hidden: bool = False,
+    network: str | None = None,
+    start: bool = True,
+) -> Guest:
+    """Create a guest on a fresh overlay of ``image`` and start it.
+
+    All checks run before anything is written; on a failure after that, everything created here
+    is removed again, so a refused or failed create leaves no trace.
+    """
+    valid_name(name, "guest name")
+    custom = (custom or customize.Customization()).validate(f"guest {name}")
+    if memory_mib is not None and not 64 <= memory_mib <= 65536:
+        raise ValidationError(f"guest {name}: memory {memory_mib} MiB is outside 64..65536")
+    gdir = ctx.settings.guests_dir / name
+    if gdir.exists():
+        raise ConflictError(f"a guest named {name!r} already exists (remove it with 'osimg guest rm {name}')")
+    if ctx.hv.exists(name):
+        raise ConflictError(f"libvirt already has a domain named {name!r}; choose another guest name")
+    img = images.resolve(ctx.settings, image)
+    accel = ctx.accel.accel
+    ctx.settings.ensure_dirs()
+    g = Guest(
+        name=name, image=image, base=str(img.disk), kernel=str(img.kernel), initrd=str(img.initrd),
+        cmdline=img.cmdline, host_key=img.host_key, os_version=img.os_version, family=img.family,
+        memory_mib=memory_mib or img.memory_mib, vcpus=vcpus, accel=accel, uuid=str(uuidlib.uuid4()),
+        mac="52:54:00:12:34:56", ssh_port=free_port(), app_port=free_port(), guest_app_port=img.app_port,
+        ready_marker=img.ready_marker, data_size=data_size,
+        data_uuid=str(uuidlib.uuid4()) if data_size else None, hidden=hidden, network=network,
+        customization=custom.to_dict(),
+    )
+    gdir.mkdir()
+    gdir.chmod(0o755)
+    try:
+        storage.create_overlay(g.overlay(ctx), img.disk)
+        data = g.data_volume(ctx)
+        if data is not None and g.data_uuid:
+            storage.make_ext4_volume(data, data_size, DATA_LABEL, g.data_uuid)
+        write_customization(ctx, g)
+        g.save(ctx)
+        if start:
+            ctx.hv.create(domain_spec(ctx, g))
+    except BaseException:
+        ctx.hv.undefine(name)
+        shutil.rmtree(gdir, ignore_errors=True)
+        raise
+    return g
+
+
+def start(ctx: Context, g: Guest) -> None:
+    if ctx.hv.exists(g.name):
+        if not ctx.hv.is_active(g.name):
+            ctx.hv.start(g.name)
+    else:
+        ctx.hv.create(domain_spec(ctx, g))
+
+
+def wait_ready(ctx: Context, g: Guest, timeout: float = 120) -> float:
+    """Seconds until the guest printed its ready marker and answers SSH with the pinned key."""
+    t0 = time.monotonic()
+    wait_for_serial(g.console(ctx), g.ready_marker, timeout, lambda: ctx.hv.is_active(g.name))
+    with session(ctx, g, timeout=max(5.0, timeout - (time.monotonic() - t0))) as s:
+        s.run(["true"], check=True)
+    return time.monotonic() - t0
+
+
+def session(ctx: Context, g: Guest, timeout: float = 60) -> Session:
+    key = ctx.settings.cache / "keys" / "id_ed25519"
+    return Session(g.ssh_port, g.host_key, key, timeout=timeout)
+
+
+def remove(ctx: Context, name: str) -> None:
+    """Destroy the domain and delete the guest's own files (overlay, drive, data volume)."""
+    valid_name(name, "guest name")
+    gdir = ctx.settings.guests_dir / name
+    if not gdir.exists():
+        info = None
+        with contextlib.suppress(OsimgError):
+            info = ctx.hv.info(name)
+        if info is None or info.metadata.get("home") != str(ctx.settings.home):
+            raise NotFoundError(f"no guest named {name!r} (see 'osimg guest list')")
+    ctx.hv.undefine(name)
+    shutil.rmtree(gdir, ignore_errors=True)
+
+
+def status(ctx: Context, g: Guest) -> str:
+    try:
+        return ctx.hv.state(g.name)
+    except NotFoundError:
+        return "undefined"
