@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import doctor, partitions
+from . import doctor, partitions, recipes
 from .context import Context
 from .errors import OsimgError
 
@@ -107,6 +108,21 @@ def cmd_guest_rm(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
+# -- recipe -------------------------------------------------------------------------------------------
+def cmd_recipe_build(ctx: Context, a: argparse.Namespace) -> int:
+    rows = []
+    for ref in a.refs:
+        t0 = time.monotonic()
+        with out.status(f"building {ref} (cached builds are reused)", spinner="dots") if not a.json else _null():
+            b = recipes.ensure_built(ctx.settings, ref)
+        rows.append({"ref": ref, "dir": str(b.dir), "seconds": round(time.monotonic() - t0, 2)})
+        if not a.json:
+            out.print(f"{ref}: {b.dir} ({rows[-1]['seconds']}s)")
+    if a.json:
+        emit_json(rows)
+    return 0
+
+
 class _null:
     def __enter__(self) -> None:
         return None
@@ -149,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=60)
     r = add(guest, "rm", cmd_guest_rm, "destroy guests and delete their overlays and volumes")
     r.add_argument("names", nargs="+")
+    recipe = sub.add_parser("recipe", help="guest OS recipes in images/").add_subparsers(dest="sub", required=True)
+    rb = add(recipe, "build", cmd_recipe_build, "build recipe images (FAMILY:VERSION), reusing cached builds")
+    rb.add_argument("refs", nargs="+", metavar="FAMILY:VERSION")
     return p
 
 

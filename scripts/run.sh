@@ -1,0 +1,67 @@
+#!/bin/bash
+# One entry point for a fresh Debian 12 machine (root): installs and starts what osimg needs, then
+# runs the demo or the test suite. Re-running is fast: each step checks before it acts.
+#   bash scripts/run.sh demo [osimg demo args]   the end-to-end main job
+#   bash scripts/run.sh test [pytest args]       the full test suite
+#   bash scripts/run.sh setup                    only the set-up
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+CACHE=${OSIMG_CACHE:-$ROOT/.cache}
+mkdir -p "$CACHE"; chmod 755 "$CACHE"
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+[ "$(id -u)" = 0 ] || { echo "run as root: libvirt's system instance and apt need it" >&2; exit 1; }
+
+# 1. Debian packages (apt-get update only when something is missing)
+PKGS="qemu-system-x86 qemu-utils qemu-block-extra libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+gcc python3-venv busybox-static linux-image-cloud-amd64 e2fsprogs cpio openssh-client mmdebstrap curl"
+missing=$(for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+if [ -n "$missing" ]; then
+  log "installing Debian packages: $(echo $missing)"
+  apt-get update -qq
+  # policy-rc.d: the packages must not start services on their own; we start the daemons below
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  rm -f /usr/sbin/policy-rc.d; trap - EXIT
+fi
+
+# 2. Python venv with the package (reinstalled only when pyproject.toml changed)
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then log "creating .venv"; "$PY" -m venv .venv; fi
+stamp=$(sha256sum pyproject.toml | cut -c1-16)
+if [ "$(cat .venv/.osimg-stamp 2>/dev/null)" != "$stamp" ]; then
+  log "installing osimg and its dependencies into .venv (libvirt-python builds from source)"
+  .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/pip install -q -e '.[dev]' 2>&1 | grep -vi 'is ignored\|warning' || true
+  .venv/bin/python -c 'import libvirt, orchestrator' || { echo "python install failed" >&2; exit 1; }
+  echo "$stamp" >.venv/.osimg-stamp
+fi
+
+# 3. libvirt daemons: no systemd here, so start them directly when qemu:///system does not answer
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  mkdir -p "$CACHE/daemons"
+  if ! [ -S /run/libvirt/virtlogd-sock ]; then
+    virtlogd -d -p "$CACHE/daemons/virtlogd.pid"; log "started virtlogd (pid $(cat "$CACHE/daemons/virtlogd.pid"))"
+  fi
+  libvirtd -d -p "$CACHE/daemons/libvirtd.pid"
+  for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.1; done
+  log "started libvirtd (pid $(cat "$CACHE/daemons/libvirtd.pid"))"
+fi
+virsh -c qemu:///system version >/dev/null || { echo "libvirtd does not answer on qemu:///system" >&2; exit 1; }
+
+# 4. etcd binaries from Debian packages (unpacked, not installed: the package would start a service)
+bash scripts/etcd.sh fetch >/dev/null
+
+# 5. guest images (cached by recipe hash; a cached build is reused at once)
+IMAGES=${OSIMG_PREBUILD:-"tiny:v1 tiny:v2 debian:v1 debian:v2"}
+log "guest images: $IMAGES"
+.venv/bin/osimg recipe build $IMAGES
+
+case "${1:-setup}" in
+  setup) ;;
+  demo) shift; exec .venv/bin/osimg demo "$@" ;;
+  test) shift; exec .venv/bin/pytest "$@" ;;
+  *) echo "usage: run.sh setup|demo|test [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,107 @@
+"""Guests on real libvirt/QEMU: boot, SSH with a pinned key, versions, bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from orchestrator import partitions
+from orchestrator.context import Context
+from orchestrator.errors import ConflictError, HypervisorError, NotFoundError, ValidationError
+
+from .conftest import HOME, gname, osimg, osimg_json
+
+pytestmark = pytest.mark.guest
+
+
+def test_v1_guest_boots_and_answers_ssh(ctx: Context, v1_guest: partitions.Guest) -> None:
+    with partitions.session(ctx, v1_guest) as s:
+        osr = s.run(["cat", "/etc/os-release"], check=True).out
+        assert "VERSION_ID=v1" in osr
+        assert s.run(["sh", "-c", "echo $((6*7))"], check=True).out.strip() == "42"
+        assert s.run(["cat", "/etc/osimg-version"], check=True).out.strip() == "v1"
+
+
+def test_cli_ssh_runs_command(v1_guest: partitions.Guest) -> None:
+    res = osimg("guest", "ssh", v1_guest.name, "--", "uname", "-r")
+    assert res.returncode == 0, res.stderr
+    assert "cloud-amd64" in res.stdout
+
+
+def test_guest_list_shows_guest(v1_guest: partitions.Guest) -> None:
+    rows = osimg_json("guest", "list")
+    assert isinstance(rows, list)
+    mine = [r for r in rows if r["name"] == v1_guest.name]
+    assert mine and mine[0]["state"] == "running" and mine[0]["os_version"] == "v1"
+
+
+def test_v2_guest_reports_v2_and_is_torn_down(ctx: Context) -> None:
+    name = gname("v2")
+    t0 = time.monotonic()
+    res = osimg("guest", "create", name, "--image", "tiny:v2", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    print(f"\n[measure] tiny v2 guest create+SSH-ready via CLI in {time.monotonic() - t0:.1f}s "
+          f"(guest reported {info['ready_seconds']:.1f}s)")
+    assert info["ready_seconds"] < 60
+    out = osimg("guest", "ssh", name, "--", "cat", "/etc/os-release")
+    assert "VERSION_ID=v2" in out.stdout
+    assert osimg("guest", "rm", name).returncode == 0
+    assert not ctx.hv.exists(name)
+    assert not (HOME / "guests" / name).exists()
+
+
+def test_doctor_reports_the_accelerator_in_use(ctx: Context, v1_guest: partitions.Guest) -> None:
+    rep = osimg_json("doctor")
+    assert isinstance(rep, dict)
+    accel = rep["accel"]["accel"]
+    assert accel in ("kvm", "qemu")
+    assert f"<domain type='{accel}'" in ctx.hv.xml(v1_guest.name) or f'<domain type="{accel}"' in ctx.hv.xml(
+        v1_guest.name)
+    print(f"\n[measure] accelerator: {rep['accel']['label']} ({rep['accel']['reason']})")
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "x" * 200, "has space", "-lead"])
+def test_invalid_names_are_refused_and_nothing_is_created(ctx: Context, bad: str) -> None:
+    before = set((HOME / "guests").iterdir()) if (HOME / "guests").exists() else set()
+    with pytest.raises(ValidationError):
+        partitions.create(ctx, bad, "tiny:v1")
+    res = osimg("guest", "create", "--image", "tiny:v1", "--", bad)
+    assert res.returncode == 2
+    assert "invalid guest name" in res.stderr and "Traceback" not in res.stderr
+    after = set((HOME / "guests").iterdir()) if (HOME / "guests").exists() else set()
+    assert before == after
+
+
+@pytest.mark.parametrize("image", ["nosuch:v1", "tiny"])
+def test_unknown_image_is_refused(ctx: Context, image: str) -> None:
+    name = gname("noimg")
+    res = osimg("guest", "create", name, "--image", image)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert image.split(":")[0] in res.stderr
+    assert not (HOME / "guests" / name).exists() and not ctx.hv.exists(name)
+
+
+def test_duplicate_name_is_refused(ctx: Context, v1_guest: partitions.Guest) -> None:
+    overlay = v1_guest.overlay(ctx)
+    before = overlay.stat().st_mtime_ns
+    with pytest.raises(ConflictError, match="already exists"):
+        partitions.create(ctx, v1_guest.name, "tiny:v1")
+    assert ctx.hv.state(v1_guest.name) == "running"
+    assert overlay.stat().st_mtime_ns >= before
+
+
+def test_unreachable_libvirtd_gives_clear_error(tmp_path: object) -> None:
+    name = gname("nolv")
+    res = osimg("--uri", "qemu+unix:///system?socket=/nonexistent/libvirt-sock", "guest", "create", name,
+                "--image", "tiny:v1")
+    assert res.returncode == HypervisorError.exit_code
+    assert "cannot reach libvirtd" in res.stderr and "Traceback" not in res.stderr
+    assert not (HOME / "guests" / name).exists()
+
+
+def test_rm_unknown_guest() -> None:
+    res = osimg("guest", "rm", gname("ghost"))
+    assert res.returncode == NotFoundError.exit_code and "no guest named" in res.stderr
