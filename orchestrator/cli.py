@@ -12,12 +12,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from . import doctor, partitions, recipes
+from . import doctor, images, partitions, recipes
 from .context import Context
 from .errors import OsimgError
 
@@ -108,6 +109,82 @@ def cmd_guest_rm(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
+# -- image --------------------------------------------------------------------------------------------
+def _image_row(i: images.Image) -> dict[str, Any]:
+    return {**asdict(i), "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created))}
+
+
+def cmd_image_build(ctx: Context, a: argparse.Namespace) -> int:
+    steps = images.BuildSteps.load(Path(a.customize)) if a.customize else None
+    with out.status(f"building image {a.name} from {a.source}", spinner="dots") if not a.json else _null() as st:
+        def progress(msg: str) -> None:
+            if st is not None:
+                st.update(f"{a.name}: {msg}")
+        img = images.build(ctx, a.name, a.source, steps, progress=progress)
+    if a.json:
+        emit_json(_image_row(img))
+    else:
+        out.print(f"image {img.name} captured from {a.source}: OS {img.os_version}, memory state saved, "
+                  f"{img.allocated_size / (1 << 20):.1f} MiB")
+    return 0
+
+
+def cmd_image_clone(ctx: Context, a: argparse.Namespace) -> int:
+    img = images.clone(ctx, a.src, a.dst)
+    emit_json(_image_row(img)) if a.json else out.print(f"cloned {a.src} to {a.dst} (full copy)")
+    return 0
+
+
+def cmd_image_snapshot(ctx: Context, a: argparse.Namespace) -> int:
+    img = images.snapshot(ctx, a.src, a.dst)
+    emit_json(_image_row(img)) if a.json else out.print(f"snapshot {a.dst} of {a.src} (qcow2 overlay)")
+    return 0
+
+
+def cmd_image_list(ctx: Context, a: argparse.Namespace) -> int:
+    imgs = images.list_images(ctx)
+    if a.json:
+        emit_json([_image_row(i) for i in imgs])
+        return 0
+    t = Table("name", "kind", "parent", "os", "memory state", "virtual", "allocated", "created", title="images")
+    for i in imgs:
+        r = _image_row(i)
+        t.add_row(i.name, i.kind, i.parent or "-", i.os_version, "yes" if i.has_memory_state else "no",
+                  f"{i.virtual_size / (1 << 20):.0f} MiB", f"{i.allocated_size / (1 << 20):.1f} MiB", r["created"])
+    out.print(t)
+    return 0
+
+
+def cmd_image_inspect(ctx: Context, a: argparse.Namespace) -> int:
+    r = _image_row(images.get(ctx, a.name))
+    r["dependents"] = images.dependents(ctx, a.name)
+    r["path"] = str(images.image_dir(ctx, a.name))
+    emit_json(r) if a.json else out.print_json(json.dumps(r, default=str))
+    return 0
+
+
+def cmd_image_verify(ctx: Context, a: argparse.Namespace) -> int:
+    problems = images.verify(ctx, a.name)
+    if a.json:
+        emit_json({"name": a.name, "ok": not problems, "problems": problems})
+    elif problems:
+        for p in problems:
+            err.print(f"{a.name}: {p}", markup=False)
+    else:
+        out.print(f"{a.name}: ok (hashes match, backing chain inside the repository)")
+    return 0 if not problems else 6
+
+
+def cmd_image_rm(ctx: Context, a: argparse.Namespace) -> int:
+    for n in a.names:
+        images.remove(ctx, n)
+        if not a.json:
+            out.print(f"removed image {n}")
+    if a.json:
+        emit_json({"removed": a.names})
+    return 0
+
+
 # -- recipe -------------------------------------------------------------------------------------------
 def cmd_recipe_build(ctx: Context, a: argparse.Namespace) -> int:
     rows = []
@@ -165,6 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=60)
     r = add(guest, "rm", cmd_guest_rm, "destroy guests and delete their overlays and volumes")
     r.add_argument("names", nargs="+")
+    image = sub.add_parser("image", help="the image repository").add_subparsers(dest="sub", required=True)
+    b = add(image, "build", cmd_image_build, "capture a golden image (disk + memory) from a hidden builder guest")
+    b.add_argument("name")
+    b.add_argument("--from", dest="source", required=True, help="recipe FAMILY:VERSION or an image name")
+    b.add_argument("--customize", metavar="FILE", help="YAML build steps: files (path, content, mode), commands")
+    for verb, fn, what in (("clone", cmd_image_clone, "full copy of an image"),
+                           ("snapshot", cmd_image_snapshot, "metadata-only image: an overlay on SRC")):
+        sp = add(image, verb, fn, what)
+        sp.add_argument("src")
+        sp.add_argument("dst")
+    add(image, "list", cmd_image_list, "list the catalog")
+    for verb, fn, what in (("inspect", cmd_image_inspect, "show one image's record and dependents"),
+                           ("verify", cmd_image_verify, "recompute hashes and check the backing chain")):
+        add(image, verb, fn, what).add_argument("name")
+    add(image, "rm", cmd_image_rm, "remove images nothing depends on").add_argument("names", nargs="+")
+
     recipe = sub.add_parser("recipe", help="guest OS recipes in images/").add_subparsers(dest="sub", required=True)
     rb = add(recipe, "build", cmd_recipe_build, "build recipe images (FAMILY:VERSION), reusing cached builds")
     rb.add_argument("refs", nargs="+", metavar="FAMILY:VERSION")

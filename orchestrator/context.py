@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .cluster.store import ClusterStore, open_store
 from .doctor import AccelChoice, choose_accel
 from .hypervisor import Hypervisor
 from .settings import Settings
@@ -14,6 +15,7 @@ class Context:
     settings: Settings
     _hv: Hypervisor | None = field(default=None, repr=False)
     _accel: AccelChoice | None = field(default=None, repr=False)
+    _store: ClusterStore | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, home: str | None = None, uri: str | None = None, store: str | None = None) -> Context:
@@ -31,6 +33,18 @@ class Context:
             self._accel = choose_accel(self.settings, self.hv)
         return self._accel
 
+    @property
+    def store(self) -> ClusterStore:
+        """The cluster store (image catalog, swap journal, locks); opened on first use."""
+        if self._store is None:
+            self.settings.ensure_dirs()
+            self._store = open_store(self.settings.store_url)
+        return self._store
+
     def close(self) -> None:
         if self._hv is not None:
             self._hv.close()
+            self._hv = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
@@ -219,10 +220,17 @@ def rewrite_identity(xml: str, spec: DomainSpec) -> str:
         want = by_target.get(tgt.get("dev", ""))
         if want is not None and want.path:
             src.set("file", want.path)
-    for el in devs.findall("serial"):
-        src = el.find("source")
-        if src is not None:
-            src.set("path", spec.serial_log)
+    for tag in ("serial", "console"):
+        for el in devs.findall(tag):
+            src = el.find("source")
+            if src is not None and src.get("path"):
+                src.set("path", spec.serial_log)
+    os_el = root.find("os")
+    if os_el is not None:
+        for tag, value in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+            el = os_el.find(tag)
+            if el is not None:
+                el.text = value
     cl = root.find(f"{{{QEMU_NS}}}commandline")
     if cl is not None and spec.net is not None:
         fwd = "".join(
@@ -514,6 +522,48 @@ class Hypervisor:
         finally:
             self.destroy(name)
             log.unlink(missing_ok=True)
+
+
+SAVE_MAGIC = b"LibvirtQemudSave"
+SAVE_HEADER = struct.Struct("<16s5I56x")  # magic, version, data_len, was_running, compressed, cookieOffset
+
+
+def retarget_saved_state(src: Path, dst: Path, xml: str) -> None:
+    """Write a copy of a libvirt save file whose embedded domain XML is ``xml``.
+
+    libvirt refuses to restore a saved state under another UUID (its ABI check treats the UUID as
+    guest-visible), so paging one golden state into many guests needs a per-guest copy carrying
+    that guest's identity. The header layout is libvirt's ``virQEMUSaveHeader`` (version 2): XML,
+    NUL, migration cookie, NUL, zero padding up to ``data_len``, then QEMU's migration stream,
+    which is copied unchanged in the kernel (copy_file_range).
+    """
+    with open(src, "rb") as f:
+        head = f.read(SAVE_HEADER.size)
+        if len(head) < SAVE_HEADER.size:
+            raise HypervisorError(f"{src}: truncated save file")
+        magic, version, data_len, was_running, compressed, cookie_off = SAVE_HEADER.unpack(head)
+        if magic != SAVE_MAGIC or version != 2:
+            raise HypervisorError(f"{src}: not a libvirt save file of a known version ({magic!r} v{version})")
+        data = f.read(data_len)
+    cookie = data[cookie_off:].split(b"\0", 1)[0] if cookie_off else b""
+    new_xml = xml.encode()
+    body = new_xml + b"\0" + (cookie + b"\0" if cookie else b"")
+    if len(body) > data_len:
+        raise HypervisorError(f"{src}: rewritten domain XML does not fit the save file's header padding")
+    new_cookie_off = len(new_xml) + 1 if cookie else 0
+    tmp = dst.with_suffix(".tmp")
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        fout.write(SAVE_HEADER.pack(magic, version, data_len, was_running, compressed, new_cookie_off))
+        fout.write(body.ljust(data_len, b"\0"))
+        offset = SAVE_HEADER.size + data_len
+        remaining = os.fstat(fin.fileno()).st_size - offset
+        while remaining > 0:
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), remaining, offset)
+            if n == 0:
+                break
+            offset += n
+            remaining -= n
+    tmp.rename(dst)
 
 
 def wait_for_serial(path: Path, marker: str, timeout: float, is_alive: Any = None) -> float:

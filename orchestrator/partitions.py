@@ -20,7 +20,7 @@ from typing import Any
 
 from . import customize, images, storage
 from .context import Context
-from .errors import ConflictError, NotFoundError, OsimgError, ValidationError
+from .errors import ConflictError, NotFoundError, OsimgError, StorageError, ValidationError
 from .hypervisor import DiskSpec, DomainSpec, NetSpec, wait_for_serial
 from .remote import Session
 from .validate import name as valid_name
@@ -145,6 +145,7 @@ def create(
     hidden: bool = False,
     network: str | None = None,
     start: bool = True,
+    config_drive: bool = True,
 ) -> Guest:
     """Create a guest on a fresh overlay of ``image`` and start it.
 
@@ -160,7 +161,9 @@ def create(
         raise ConflictError(f"a guest named {name!r} already exists (remove it with 'osimg guest rm {name}')")
     if ctx.hv.exists(name):
         raise ConflictError(f"libvirt already has a domain named {name!r}; choose another guest name")
-    img = images.resolve(ctx.settings, image)
+    img = images.resolve(ctx, image)
+    if img.disk.stat().st_mode & 0o222:
+        raise StorageError(f"image {image!r}: {img.disk} is writable; images must be immutable (mode 0444)")
     accel = ctx.accel.accel
     ctx.settings.ensure_dirs()
     g = Guest(
@@ -179,7 +182,8 @@ def create(
         data = g.data_volume(ctx)
         if data is not None and g.data_uuid:
             storage.make_ext4_volume(data, data_size, DATA_LABEL, g.data_uuid)
-        write_customization(ctx, g)
+        if config_drive:
+            write_customization(ctx, g)
         g.save(ctx)
         if start:
             ctx.hv.create(domain_spec(ctx, g))
