@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import doctor, images, partitions, recipes
+from . import cli_fleet, cli_vios, doctor, images, partitions, recipes
 from .context import Context
 from .errors import OsimgError
 
@@ -208,6 +208,18 @@ class _null:
         return None
 
 
+Handler = Callable[[Context, argparse.Namespace], int]
+
+
+def add(parent: Any, name: str, fn: Handler, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
+    """Add a verb whose handler is ``fn(ctx, args) -> exit code``; ``--json`` on by default."""
+    sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+    sp.set_defaults(fn=fn)
+    if json_flag:
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+    return sp
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osimg", description="OS image management for libvirt guests")
     p.add_argument("--home", help="state folder (default $OSIMG_HOME or /var/lib/osimg)")
@@ -215,13 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="cluster store URL (default sqlite under the home folder)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def add(parent: Any, name: str, fn: Callable[[Context, argparse.Namespace], int], help: str,
-            json_flag: bool = True) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
-        sp.set_defaults(fn=fn)
-        if json_flag:
-            sp.add_argument("--json", action="store_true", help="machine-readable output")
-        return sp
 
     d = add(sub, "doctor", cmd_doctor, "check the host: versions, accelerator, permissions, disk")
     d.add_argument("--reprobe", action="store_true", help="probe KVM again instead of using the cached result")
@@ -261,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = sub.add_parser("recipe", help="guest OS recipes in images/").add_subparsers(dest="sub", required=True)
     rb = add(recipe, "build", cmd_recipe_build, "build recipe images (FAMILY:VERSION), reusing cached builds")
     rb.add_argument("refs", nargs="+", metavar="FAMILY:VERSION")
+    for mod in (cli_fleet, cli_vios):
+        mod.register(sub, add)
     return p
 
 
