@@ -56,12 +56,13 @@ class Guest:
     network: str | None = None
     customization: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    overlay_file: str = "os.qcow2"  # a swap puts the new OS on a new file, so the old one survives for rollback
 
     def dir(self, ctx: Context) -> Path:
         return ctx.settings.guests_dir / self.name
 
     def overlay(self, ctx: Context) -> Path:
-        return self.dir(ctx) / "os.qcow2"
+        return self.dir(ctx) / self.overlay_file
 
     def data_volume(self, ctx: Context) -> Path | None:
         return self.dir(ctx) / "data.qcow2" if self.data_uuid else None

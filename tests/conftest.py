@@ -39,7 +39,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         for d in ctx.hv.list_domains():
             if d.metadata.get("home") == str(HOME):
                 ctx.hv.undefine(d.name)
-    except Exception as err:  # noqa: BLE001 - best effort cleanup must not hide test results
+    except Exception as err:  # best effort: cleanup must not hide the test results
         print(f"cleanup: {err}", file=sys.stderr)
     finally:
         ctx.close()
