@@ -1,0 +1,90 @@
+#!/bin/bash
+# A throw-away single-node etcd 3.4 for tests and benchmarks, from Debian's packages.
+#
+# `apt-get install etcd-server` would start /etc/init.d/etcd as a system service; downloading the
+# .debs and unpacking them into .cache/etcd/ gives the same binaries with no effect on the host.
+# etcd listens on 127.0.0.1 only, and `stop` only kills a PID that really is this etcd.
+#
+# usage: scripts/etcd.sh install                     unpack etcd into .cache/etcd (idempotent), print its bin dir
+#        scripts/etcd.sh start PORT DIR [PEER_PORT]  start etcd on 127.0.0.1:PORT (data DIR/data, log DIR/etcd.log),
+#                                                     print its PID once it reports healthy
+#        scripts/etcd.sh stop PID                    stop an etcd started by `start`
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CACHE="$ROOT/.cache/etcd"
+BIN="$CACHE/root/usr/bin"
+HEALTH_TRIES=200 # x 0.05 s: etcd 3.4 is healthy in 0.4-1.1 s here, allow for a loaded machine
+
+die() {
+  echo "etcd.sh: $*" >&2
+  exit 1
+}
+
+installed() { [ -x "$BIN/etcd" ] && [ -x "$BIN/etcdctl" ]; }
+
+install() {
+  installed && return 0
+  mkdir -p "$CACHE"
+  # The lock lives in a subshell so that no etcd started later inherits its descriptor.
+  (
+    flock 9
+    installed && exit 0
+    tmp=$(mktemp -d "$CACHE/unpack.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    (cd "$tmp" && apt-get download etcd-server etcd-client >download.log 2>&1) ||
+      die "apt-get download etcd-server etcd-client failed (apt lists missing? apt-get update): $(tail -n 3 "$tmp/download.log")"
+    for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$tmp/root"; done
+    rm -rf "$CACHE/root"
+    mv "$tmp/root" "$CACHE/root"
+  ) 9>"$CACHE/.lock"
+  installed || die "etcd binaries missing in $BIN after unpacking"
+}
+
+start() {
+  local port=$1 dir=$2 peer=${3:-}
+  [[ $port =~ ^[0-9]+$ ]] || die "PORT must be a number, got '$port'"
+  [ -n "$peer" ] || peer=$((port + 1))
+  [[ $peer =~ ^[0-9]+$ ]] || die "PEER_PORT must be a number, got '$peer'"
+  install
+  mkdir -p "$dir"
+  "$BIN/etcd" --name osimg --data-dir "$dir/data" \
+    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --initial-cluster "osimg=http://127.0.0.1:$peer" </dev/null >"$dir/etcd.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq "$HEALTH_TRIES"); do
+    kill -0 "$pid" 2>/dev/null || die "etcd exited while starting: $(tail -n 5 "$dir/etcd.log")"
+    if ETCDCTL_API=3 "$BIN/etcdctl" --endpoints="127.0.0.1:$port" --dial-timeout=0.5s --command-timeout=1s \
+      endpoint health >/dev/null 2>&1; then
+      echo "$pid"
+      return 0
+    fi
+    sleep 0.05
+  done
+  kill "$pid"
+  die "etcd on 127.0.0.1:$port not healthy in time, log: $dir/etcd.log"
+}
+
+# Gone or a zombie waiting for its reaper: either way it no longer serves.
+stopped() { [ ! -r "/proc/$1/stat" ] || [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" = Z ]; }
+
+stop() {
+  local pid=$1
+  [[ $pid =~ ^[0-9]+$ ]] || die "PID must be a number, got '$pid'"
+  stopped "$pid" && return 0
+  [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$BIN/etcd" ] || die "PID $pid is not $BIN/etcd, not stopping it"
+  kill "$pid"
+  for _ in $(seq 100); do
+    stopped "$pid" && return 0
+    sleep 0.05
+  done
+  kill -KILL "$pid"
+}
+
+case "${1:-}" in
+install) install && echo "$BIN" ;;
+start) [ $# -ge 3 ] || die "usage: $0 start PORT DIR [PEER_PORT]"; start "$2" "$3" "${4:-}" ;;
+stop) [ $# -eq 2 ] || die "usage: $0 stop PID"; stop "$2" ;;
+*) die "usage: $0 install | start PORT DIR [PEER_PORT] | stop PID" ;;
+esac
