@@ -18,9 +18,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import cli_fleet, cli_vios, doctor, images, partitions, recipes
+from . import cli_fleet, cli_vios, doctor, images, partitions, recipes, swap
 from .context import Context
-from .errors import OsimgError
+from .errors import OsimgError, SwapError, ValidationError
 
 out = Console()
 err = Console(stderr=True)
@@ -185,6 +185,46 @@ def cmd_image_rm(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
+# -- swap ---------------------------------------------------------------------------------------------
+def cmd_swap(ctx: Context, a: argparse.Namespace) -> int:
+    if a.resume:
+        with out.status("resuming interrupted swaps", spinner="dots") if not a.json else _null():
+            results = swap.resume(ctx, progress=(lambda m: None) if a.json else (lambda m: out.print(m)))
+        return _report_swaps(results, a.json, empty="no interrupted swap in the journal")
+    if not a.guests or not a.to:
+        raise ValidationError("give GUEST... --to IMAGE (or --resume)")
+    p = swap.plan(ctx, a.guests, a.to, a.strategy, a.batch, a.max_failures)
+    if a.dry_run:
+        if a.json:
+            emit_json(asdict(p))
+        else:
+            for line in p.describe():
+                out.print(line)
+        return 0
+    with out.status("swapping", spinner="dots") if not a.json else _null() as st:
+        def progress(msg: str) -> None:
+            if st is not None:
+                st.update(msg)
+        results = swap.rollout(ctx, p, progress=progress)
+    return _report_swaps(results, a.json)
+
+
+def _report_swaps(results: list[swap.SwapResult], as_json: bool, empty: str = "nothing to do") -> int:
+    if as_json:
+        emit_json([asdict(r) for r in results])
+    elif not results:
+        out.print(empty)
+    else:
+        t = Table("guest", "strategy", "from", "to", "result", "downtime", "counter", "error", title="swap")
+        for r in results:
+            state = "ok" if r.ok else "rolled back" if r.rolled_back else "skipped" if r.skipped else "FAILED"
+            t.add_row(r.guest, r.strategy, f"{r.from_image} ({r.old_version})", r.to_image, state,
+                      f"{r.downtime:.2f}s" if r.downtime is not None else "-",
+                      f"{r.counter_before} -> {r.counter_after}", r.error or "")
+        out.print(t)
+    return 0 if all(r.ok for r in results) else SwapError.exit_code
+
+
 # -- recipe -------------------------------------------------------------------------------------------
 def cmd_recipe_build(ctx: Context, a: argparse.Namespace) -> int:
     rows = []
@@ -262,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
                            ("verify", cmd_image_verify, "recompute hashes and check the backing chain")):
         add(image, verb, fn, what).add_argument("name")
     add(image, "rm", cmd_image_rm, "remove images nothing depends on").add_argument("names", nargs="+")
+
+    sw = add(sub, "swap", cmd_swap, "replace the OS of running guests (quiesce, swap, resume; rollback on failure)")
+    sw.add_argument("guests", nargs="*", metavar="GUEST")
+    sw.add_argument("--to", metavar="IMAGE", help="captured image to swap to")
+    sw.add_argument("--strategy", choices=swap.STRATEGIES, default="warm")
+    sw.add_argument("--batch", type=int, default=1, help="guests swapped at once")
+    sw.add_argument("--max-failures", type=int, default=1, help="stop the rollout after this many failures")
+    sw.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    sw.add_argument("--resume", action="store_true", help="finish or roll back swaps an interrupted run left")
 
     recipe = sub.add_parser("recipe", help="guest OS recipes in images/").add_subparsers(dest="sub", required=True)
     rb = add(recipe, "build", cmd_recipe_build, "build recipe images (FAMILY:VERSION), reusing cached builds")
