@@ -18,11 +18,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import cli_fleet, cli_vios, doctor, images, partitions, recipes, swap
+from . import cli_fleet, cli_vios, demo, doctor, images, partitions, recipes, swap
 from .context import Context
 from .errors import OsimgError, SwapError, ValidationError
 
-out = Console()
+out = Console(log_path=False)
 err = Console(stderr=True)
 
 
@@ -225,6 +225,41 @@ def _report_swaps(results: list[swap.SwapResult], as_json: bool, empty: str = "n
     return 0 if all(r.ok for r in results) else SwapError.exit_code
 
 
+# -- demo ---------------------------------------------------------------------------------------------
+def cmd_demo(ctx: Context, a: argparse.Namespace) -> int:
+    if a.json:
+        rep = demo.run(ctx, keep=a.keep)
+        emit_json(demo.as_dict(rep))
+        return 0 if rep.ok else 1
+    with out.status("osimg demo", spinner="dots") as st:
+        def progress(msg: str) -> None:
+            out.log(msg)
+            st.update(msg)
+
+        rep = demo.run(ctx, keep=a.keep, progress=progress)
+    out.print(f"accelerator: {rep.accel}; cluster store: {rep.store}")
+    t = Table("guest", "hostname", "OS before", "OS after", "downtime", "counter before", "counter after",
+              "overlay", "result", title="rolling warm swap v1 -> v2")
+    for g in rep.guests:
+        t.add_row(g.guest, g.hostname or "-", g.old_version, g.new_version or "-",
+                  f"{g.downtime:.2f}s" if g.downtime is not None else "-", str(g.counter_before),
+                  str(g.counter_after), f"{g.overlay_bytes / (1 << 20):.1f} MiB",
+                  "ok" if g.ok else (g.error or "FAILED"))
+    out.print(t)
+    lt = Table("image", "kind", "built from", "OS", "memory state", title="image lineage")
+    for i in rep.lineage:
+        lt.add_row(i["name"], i["kind"], i["source"], i["os_version"], "yes" if i["memory_state"] else "no")
+    out.print(lt)
+    out.print("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in rep.phases.items()))
+    if rep.kept:
+        out.print("--keep: the guests and images are still there ('osimg guest list', 'osimg image list')")
+    elif rep.leftovers:
+        out.print(f"[red]left behind:[/] {', '.join(rep.leftovers)}")
+    else:
+        out.print("everything the demo created was removed")
+    return 0 if rep.ok else 1
+
+
 # -- recipe -------------------------------------------------------------------------------------------
 def cmd_recipe_build(ctx: Context, a: argparse.Namespace) -> int:
     rows = []
@@ -311,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-failures", type=int, default=1, help="stop the rollout after this many failures")
     sw.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     sw.add_argument("--resume", action="store_true", help="finish or roll back swaps an interrupted run left")
+
+    dm = add(sub, "demo", cmd_demo, "run the whole life cycle end to end and report it")
+    dm.add_argument("--keep", action="store_true", help="leave the guests and images for inspection")
 
     recipe = sub.add_parser("recipe", help="guest OS recipes in images/").add_subparsers(dest="sub", required=True)
     rb = add(recipe, "build", cmd_recipe_build, "build recipe images (FAMILY:VERSION), reusing cached builds")

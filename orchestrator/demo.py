@@ -1,0 +1,148 @@
+"""The main job end to end (``osimg demo``): the whole life cycle on one host, then a report.
+
+spec -> validate -> golden v1 built in a hidden builder and captured (disk + memory) -> three
+guests as overlays on v1 with their own customization and data volumes -> the application
+counts on each -> golden v2 -> rolling warm swap, batch 1 -> per-guest report. Everything it
+created is removed at the end unless ``keep`` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import fleet, images, partitions, storage, swap
+from .context import Context
+from .errors import OsimgError, SwapError
+from .settings import SOURCE_ROOT
+
+SPEC = SOURCE_ROOT / "examples" / "demo.yaml"
+V1, V2 = "demo-v1", "demo-v2"
+REQUESTS = 3  # application requests per guest before the swap, so every counter is above zero
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class GuestReport:
+    guest: str
+    hostname: str | None
+    old_version: str
+    new_version: str | None
+    downtime: float | None
+    counter_before: int | None
+    counter_after: int | None
+    overlay_bytes: int
+    ok: bool
+    error: str | None
+
+
+@dataclass
+class DemoReport:
+    accel: str
+    store: str
+    guests: list[GuestReport] = field(default_factory=list)
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    kept: bool = False
+    leftovers: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.guests) and all(g.ok for g in self.guests) and not self.leftovers
+
+
+def _cleanup(ctx: Context, spec: fleet.FleetSpec) -> None:
+    """Remove what a previous demo left (its fleet and its two images), nothing else."""
+    fleet.down(ctx, spec)
+    for name in (V2, V1):
+        with contextlib.suppress(OsimgError):
+            images.remove(ctx, name)
+
+
+def leftovers(ctx: Context, spec: fleet.FleetSpec) -> list[str]:
+    out = [f"domain {g.name}" for g in spec.guests if ctx.hv.exists(g.name)]
+    out += [f"guest folder {g.name}" for g in spec.guests if (ctx.settings.guests_dir / g.name).exists()]
+    out += [f"image {n}" for n in (V1, V2) if ctx.store.get(images.KIND, n) is not None
+            or images.image_dir(ctx, n).exists()]
+    out += [f"hidden builder {d.name}" for d in ctx.hv.list_domains()
+            if d.metadata.get("home") == str(ctx.settings.home) and d.name.startswith((f"build-{V1}", f"build-{V2}"))]
+    return out
+
+
+def run(ctx: Context, keep: bool = False, progress: Progress = lambda _m: None, spec_path: Path = SPEC) -> DemoReport:
+    t_all = time.monotonic()
+    rep = DemoReport(accel=ctx.accel.label, store=ctx.settings.store_url)
+
+    def phase(name: str, t0: float) -> None:
+        rep.phases[name] = round(time.monotonic() - t0, 2)
+
+    t0 = time.monotonic()
+    progress("validating the fleet spec")
+    spec = fleet.load(spec_path)
+    _cleanup(ctx, spec)
+    phase("validate", t0)
+    try:
+        t0 = time.monotonic()
+        progress(f"building golden image {V1} in a hidden builder (capture: disk + memory)")
+        images.build(ctx, V1, "tiny:v1", images.BuildSteps(
+            files=[{"path": "/etc/motd", "content": "osimg demo golden image v1\n", "mode": "0644"}]),
+            progress=lambda m: progress(f"{V1}: {m}"))
+        phase("build v1", t0)
+
+        t0 = time.monotonic()
+        progress("provisioning 3 guests as overlays on the shared base")
+        fleet.check_images(ctx, spec)
+        fleet.up(ctx, spec, progress=progress)
+        phase("provision", t0)
+
+        t0 = time.monotonic()
+        progress("starting the application on each guest")
+        for gs in spec.guests:
+            g = partitions.load(ctx, gs.name)
+            if swap.wait_app(g.app_port, 30) is None:
+                raise SwapError(f"{g.name}: the demo application did not start")
+            for _ in range(REQUESTS):
+                swap.app_counter(g.app_port)
+        phase("application", t0)
+
+        t0 = time.monotonic()
+        progress(f"building golden image {V2}")
+        images.build(ctx, V2, "tiny:v2", images.BuildSteps(
+            files=[{"path": "/etc/motd", "content": "osimg demo golden image v2\n", "mode": "0644"}]),
+            progress=lambda m: progress(f"{V2}: {m}"))
+        phase("build v2", t0)
+
+        t0 = time.monotonic()
+        progress("rolling warm swap v1 -> v2, batch 1")
+        plan = swap.plan(ctx, [g.name for g in spec.guests], V2, "warm", batch=1, max_failures=1)
+        results = swap.rollout(ctx, plan, progress=progress)
+        phase("rolling swap", t0)
+
+        for r, gs in zip(results, spec.guests, strict=True):
+            g = partitions.load(ctx, r.guest)
+            rep.guests.append(GuestReport(
+                guest=r.guest, hostname=gs.custom.hostname, old_version=r.old_version, new_version=r.new_version,
+                downtime=r.downtime, counter_before=r.counter_before, counter_after=r.counter_after,
+                overlay_bytes=storage.allocated_bytes(g.overlay(ctx)), ok=r.ok, error=r.error))
+        rep.lineage = [{"name": i.name, "kind": i.kind, "source": i.source, "parent": i.parent,
+                        "os_version": i.os_version, "memory_state": i.has_memory_state}
+                       for i in images.list_images(ctx) if i.name in (V1, V2)]
+    finally:
+        if not keep:
+            t0 = time.monotonic()
+            progress("removing everything the demo created")
+            _cleanup(ctx, spec)
+            rep.leftovers = leftovers(ctx, spec)
+            phase("cleanup", t0)
+    rep.kept = keep
+    rep.phases["total"] = round(time.monotonic() - t_all, 2)
+    return rep
+
+
+def as_dict(rep: DemoReport) -> dict[str, Any]:
+    return {**asdict(rep), "ok": rep.ok}
