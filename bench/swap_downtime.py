@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Application downtime of warm vs cold OS swaps, measured from the host, side by side in one run.
+
+For each image family (tiny, debian): golden images v1 and v2 are built, 3 guests with data volumes
+are provisioned on v1, and then on the same guests:
+  warm v1 -> v2 (measured), warm v2 -> v1 (reset, not measured), cold v1 -> v2 (measured).
+A probe thread asks each guest's application for its counter every 50 ms; downtime is the gap
+between the last answer before the swap and the first one after it. Also: rollout time of 4 tiny
+guests with batch 1 vs batch 2. Ratios are printed last.
+
+usage: .venv/bin/python bench/swap_downtime.py [--families tiny,debian] [--guests 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import statistics
+import sys
+import threading
+import time
+import uuid
+
+from orchestrator import images, partitions, swap
+from orchestrator.context import Context
+from orchestrator.settings import SOURCE_ROOT
+
+PROBE_EVERY = 0.05
+
+
+class Probe:
+    """Polls one guest's application; remembers when it answered."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.ok: list[float] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic()
+            if swap.app_counter(self.port, timeout=0.5) is not None:
+                self.ok.append(time.monotonic())
+            self._stop.wait(max(0.0, PROBE_EVERY - (time.monotonic() - t)))
+
+    def __enter__(self) -> Probe:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def downtime(self, start: float) -> float:
+        """Longest gap between answers from just before ``start`` on."""
+        pts = [t for t in self.ok if t >= start - 1.0]
+        gaps = [b - a for a, b in itertools.pairwise(pts)]
+        return max(gaps) if gaps else float("nan")
+
+
+def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> float:
+    g = partitions.load(ctx, guest)
+    with Probe(g.app_port) as p:
+        time.sleep(0.5)
+        start = time.monotonic()
+        [r] = swap.rollout(ctx, swap.plan(ctx, [guest], to, strategy))
+        if not r.ok:
+            raise SystemExit(f"{strategy} swap of {guest} failed: {r.error}")
+        time.sleep(0.5)
+    return p.downtime(start)
+
+
+def provision(ctx: Context, names: list[str], image: str) -> None:
+    for n in names:
+        partitions.create(ctx, n, image, data_size=64 << 20)
+    for n in names:
+        g = partitions.load(ctx, n)
+        partitions.wait_ready(ctx, g, timeout=240)
+        if swap.wait_app(g.app_port, 60) is None:
+            raise SystemExit(f"{n}: application did not start")
+
+
+def family_run(ctx: Context, fam: str, n: int, tag: str) -> dict[str, list[float]]:
+    v1, v2 = f"{tag}-{fam}-v1", f"{tag}-{fam}-v2"
+    print(f"[{fam}] building golden images {v1}, {v2}", flush=True)
+    images.build(ctx, v1, f"{fam}:v1", boot_timeout=300)
+    images.build(ctx, v2, f"{fam}:v2", boot_timeout=300)
+    names = [f"{tag}-{fam[0]}{i}" for i in range(n)]
+    print(f"[{fam}] provisioning {n} guests on {v1}", flush=True)
+    provision(ctx, names, v1)
+    out: dict[str, list[float]] = {"warm": [], "cold": []}
+    for name in names:
+        out["warm"].append(measured_swap(ctx, name, v2, "warm"))
+        swap.rollout(ctx, swap.plan(ctx, [name], v1, "warm"))
+        out["cold"].append(measured_swap(ctx, name, v2, "cold"))
+        print(f"[{fam}] {name}: warm {out['warm'][-1]:.2f}s  cold {out['cold'][-1]:.2f}s", flush=True)
+    for name in names:
+        partitions.remove(ctx, name)
+    return out
+
+
+def rollout_run(ctx: Context, tag: str) -> dict[int, float]:
+    v1, v2 = f"{tag}-tiny-v1", f"{tag}-tiny-v2"
+    names = [f"{tag}-r{i}" for i in range(4)]
+    provision(ctx, names, v1)
+    out = {}
+    for batch, to in ((1, v2), (2, v1)):
+        t0 = time.monotonic()
+        res = swap.rollout(ctx, swap.plan(ctx, names, to, "warm", batch=batch, max_failures=4))
+        out[batch] = time.monotonic() - t0
+        if not all(r.ok for r in res):
+            raise SystemExit(f"rollout batch {batch} failed: {[r.error for r in res if not r.ok]}")
+        print(f"[rollout] 4 guests, batch {batch}: {out[batch]:.1f}s", flush=True)
+    for name in names:
+        partitions.remove(ctx, name)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", default="tiny,debian")
+    ap.add_argument("--guests", type=int, default=3)
+    a = ap.parse_args()
+    tag = f"b{uuid.uuid4().hex[:4]}"
+    home = SOURCE_ROOT / ".cache" / f"bench-swap-{tag}"
+    home.mkdir(parents=True)
+    home.chmod(0o755)
+    ctx = Context.from_env(home=str(home))
+    print(f"accelerator: {ctx.accel.label}", flush=True)
+    results: dict[str, dict[str, list[float]]] = {}
+    rollout: dict[int, float] = {}
+    try:
+        for fam in a.families.split(","):
+            results[fam] = family_run(ctx, fam, a.guests, tag)
+        if "tiny" in results:
+            rollout = rollout_run(ctx, tag)
+    finally:
+        for d in ctx.hv.list_domains():
+            if d.metadata.get("home") == str(home):
+                ctx.hv.undefine(d.name)
+        ctx.close()
+        shutil.rmtree(home, ignore_errors=True)
+    print("\nfamily   warm median   cold median   warm/cold   (downtime, host probe every 50 ms)")
+    for fam, r in results.items():
+        w, c = statistics.median(r["warm"]), statistics.median(r["cold"])
+        print(f"{fam:8} {w:10.2f}s {c:12.2f}s {w / c:11.2f}   warm {[round(x, 2) for x in r['warm']]} "
+              f"cold {[round(x, 2) for x in r['cold']]}")
+    if rollout:
+        print(f"rollout of 4 guests: batch 1 {rollout[1]:.1f}s, batch 2 {rollout[2]:.1f}s, "
+              f"batch2/batch1 {rollout[2] / rollout[1]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
