@@ -15,7 +15,7 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # 1. Debian packages (apt-get update only when something is missing)
 PKGS="qemu-system-x86 qemu-utils qemu-block-extra libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-gcc python3-venv busybox-static linux-image-cloud-amd64 e2fsprogs cpio openssh-client mmdebstrap curl"
+gcc python3-venv busybox-static linux-image-cloud-amd64 e2fsprogs cpio openssh-client mmdebstrap curl tini"
 missing=$(for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   log "installing Debian packages: $(echo $missing)"
@@ -39,15 +39,18 @@ if [ "$(cat .venv/.osimg-stamp 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" >.venv/.osimg-stamp
 fi
 
-# 3. libvirt daemons: no systemd here, so start them directly when qemu:///system does not answer
+# 3. libvirt daemons: no systemd here, so start them directly when qemu:///system does not answer.
+# libvirtd runs under 'tini -s' (a child subreaper): QEMU daemonizes, and its orphaned process
+# must be reaped promptly or libvirt waits on the zombie. Some container inits reap only once a
+# second, which would add a second to every guest teardown (and to every warm swap's downtime).
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
   mkdir -p "$CACHE/daemons"
   if ! [ -S /run/libvirt/virtlogd-sock ]; then
     virtlogd -d -p "$CACHE/daemons/virtlogd.pid"; log "started virtlogd (pid $(cat "$CACHE/daemons/virtlogd.pid"))"
   fi
-  libvirtd -d -p "$CACHE/daemons/libvirtd.pid"
+  setsid tini -s -- libvirtd -p "$CACHE/daemons/libvirtd.pid" </dev/null >"$CACHE/daemons/libvirtd.log" 2>&1 &
   for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.1; done
-  log "started libvirtd (pid $(cat "$CACHE/daemons/libvirtd.pid"))"
+  log "started libvirtd (pid $(cat "$CACHE/daemons/libvirtd.pid"), under tini -s)"
 fi
 virsh -c qemu:///system version >/dev/null || { echo "libvirtd does not answer on qemu:///system" >&2; exit 1; }
 
