@@ -23,7 +23,7 @@ from .errors import NotFoundError, StorageError, ValidationError
 from .settings import RECIPES_DIR, Settings
 from .validate import name as valid_name
 
-FAMILIES = ("tiny", "debian")
+FAMILIES = ("tiny", "debian", "vios")
 FILES = ("disk.qcow2", "vmlinuz", "initrd.img", "host_key.pub", "manifest.json")
 
 

@@ -292,3 +292,102 @@ def test_cli_vios_start_stop_and_errors(ctx: Context) -> None:
 
 def test_failover_check_is_a_no_op_when_all_paths_live(ctx: Context, nodes: tuple[str, str]) -> None:
     assert failover.check(ctx) == []
+
+
+# -- issue 9: VIOS guests -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vios_guests(ctx: Context) -> Iterator[tuple[str, str]]:
+    """A redundant pair of VIOS guests, each behind its own node daemon."""
+    from orchestrator.vios import guest as vguest
+
+    names = (gname("vg1"), gname("vg2"))
+    errors: list[BaseException] = []
+
+    def up(n: str) -> None:
+        try:
+            node.start(ctx, n, as_guest=True, ttl=3.0, slots=2, timeout=300)
+        except BaseException as err:
+            errors.append(err)
+
+    try:
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=up, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        print(f"\n[measure] two VIOS guests serving in {time.monotonic() - t0:.1f}s")
+        base = lus.define_lu(ctx, gname("gbase"), vguest.recipes.ensure_built(ctx.settings, "tiny:v1").disk, "base")
+        for n in names:
+            exp = lus.export_lu(ctx, base.name, n, wait=120)
+            assert exp.port and not exp.socket
+        yield names
+    finally:
+        for n in names:
+            stop_node(ctx, n)
+            info = node.get_info(ctx, n)
+            if info is not None and info.domain:
+                ctx.hv.undefine(info.domain)
+
+
+def test_vios_guest_export_is_a_libvirt_scsi_disk_on_a_loopback_port(
+    ctx: Context, vios_guests: tuple[str, str], clients: tuple[partitions.Guest, partitions.Guest]
+) -> None:
+    c1 = clients[0]
+    base = gname("gbase")
+    att = att_mod.attach(ctx, c1.name, base, nodes=[vios_guests[1]], via="libvirt")
+    xml = ctx.hv.xml(c1.name)
+    assert "protocol='nbd'" in xml or 'protocol="nbd"' in xml
+    assert "127.0.0.1" in xml and "10.0.2." not in xml
+    out = sh(ctx, c1, wait_disk(att.unit) + "mkdir -p /mnt/g && mount -o ro $D /mnt/g && "
+             "cat /mnt/g/etc/osimg-version && umount /mnt/g")
+    assert out.strip() == "v1"
+    att_mod.detach(ctx, c1.name, base)
+
+
+def test_client_boots_from_vios_guest_and_survives_losing_one_of_the_pair(
+    ctx: Context, vios_guests: tuple[str, str]
+) -> None:
+    from orchestrator.vios import guest as vguest
+
+    vg1, vg2 = vios_guests
+    name = gname("nb")
+    try:
+        t0 = time.monotonic()
+        g, _ = vguest.create_client(ctx, name, "tiny:v1", gname("gbase"), nodes=[vg1, vg2])
+        ready = partitions.wait_ready(ctx, g, timeout=300)
+        print(f"\n[measure] client booted its OS over NBD from VIOS guests, SSH-ready in {ready:.1f}s "
+              f"({time.monotonic() - t0:.1f}s with create)")
+        out = sh(ctx, g, "cat /etc/osimg-version; awk '$2==\"/\"{print $1}' /proc/mounts; "
+                 "echo mine >/root/mark && dd if=/dev/urandom of=/root/blob bs=64k count=32 2>/dev/null && sync && "
+                 "md5sum /root/blob | cut -d' ' -f1")
+        version, root, blob_md5 = out.split()
+        assert version == "v1" and root == "/dev/sda"
+        overlay = g.overlay(ctx)
+        assert storage.allocated_bytes(overlay) > 2 << 20  # the writes went to the client's own overlay
+        sub = ctx.store.subscribe(EventFilter(obj_prefix=f"lu/{gname('gbase')}"))
+        info = node.get_info(ctx, vg1)
+        assert info is not None and info.domain
+        killed = time.monotonic()
+        _kill_pid(info.pid)
+        ctx.hv.destroy(info.domain)  # the VIOS guest dies with its node
+        # everything the client reads from the base now comes from the second VIOS guest
+        out = sh(ctx, g, "echo 3 >/proc/sys/vm/drop_caches; md5sum /bin/busybox /usr/sbin/dropbear >/dev/null && "
+                 "cat /root/mark && md5sum /root/blob | cut -d' ' -f1 && echo after >/root/mark2 && sync && echo ok")
+        took = time.monotonic() - killed
+        assert out.split() == ["mine", blob_md5, "ok"]
+        ev = sub.get(timeout=60)
+        while ev is not None and ev.type != "failed-over":
+            ev = sub.get(timeout=60)
+        sub.close()
+        assert ev is not None and ev.data["dead"] == [vg1] and ev.data["nodes"] == [vg2]
+        print(f"[measure] VIOS guest {vg1} killed -> client read its base from {vg2}, "
+              f"data intact, after {took:.2f}s")
+        assert ctx.hv.state(name) == "running"
+        now = att_mod.get(ctx, name, gname("gbase"))
+        assert now is not None and [p.node for p in now.connected()] == [vg2]
+    finally:
+        with contextlib.suppress(OsimgError):
+            vguest.remove_client(ctx, name)
