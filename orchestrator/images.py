@@ -10,7 +10,8 @@ catalog lives in the cluster store (kind ``image``) with hashes, sizes, lineage 
 - **clone**: full copy of data and metadata (``qemu-img convert``), independent of its source.
 - **snapshot**: metadata only, a qcow2 overlay whose backing file is the (read-only) source. It
   stays empty forever (images are immutable), so its content equals the source's and the source's
-  memory state remains valid for it.
+  memory state, kernel and initrd remain valid for it (they are used in place, not copied).
+- **import**: catalog a disk prepared elsewhere, booting with a known image's kernel and keys.
 
 Images are immutable once captured: files are mode 0444 and nothing in osimg opens them for
 writing; guests always write to their own overlays. An image file reference is either a recipe
@@ -71,7 +72,7 @@ class Image:
     """A catalog record."""
 
     name: str
-    kind: str  # built | clone | snapshot
+    kind: str  # built | clone | snapshot | imported
     parent: str | None
     source: str
     family: str
@@ -104,7 +105,10 @@ class BuildSteps:
         except OSError as err:
             raise ValidationError(f"{path}: cannot read build steps: {err.strerror}") from None
         except yaml.YAMLError as err:
-            raise ValidationError(f"{path}: malformed YAML: {err}") from None
+            # PyYAML's own message spans several lines; errors are one line
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValidationError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', None) or err}") from None
         if data is None:
             return cls()
         if not isinstance(data, dict):
@@ -172,12 +176,20 @@ def resolve(ctx: Context, ref: str) -> BootImage:
         )
     img = get(ctx, ref)
     d = image_dir(ctx, ref)
+    boot = _boot_dir(ctx, img)
     state = image_dir(ctx, img.state_from) / STATE if img.has_memory_state and img.state_from else None
     return BootImage(
-        ref=ref, disk=d / DISK, kernel=d / "vmlinuz", initrd=d / "initrd.img", cmdline=img.cmdline,
+        ref=ref, disk=d / DISK, kernel=boot / "vmlinuz", initrd=boot / "initrd.img", cmdline=img.cmdline,
         host_key=img.host_key, os_version=img.os_version, family=img.family, memory_mib=img.memory_mib,
         ready_marker=img.ready_marker, app_port=img.app_port, state_file=state,
     )
+
+
+def _boot_dir(ctx: Context, img: Image) -> Path:
+    """The folder holding an image's kernel and initrd: a snapshot uses its source's."""
+    while img.kind == "snapshot" and img.parent:
+        img = get(ctx, img.parent)
+    return image_dir(ctx, img.name)
 
 
 def _record_files(d: Path) -> dict[str, str]:
@@ -268,11 +280,12 @@ def clone(ctx: Context, src_name: str, dst: str) -> Image:
     tmp = _staging(ctx, dst)
     try:
         storage.convert(sdir / DISK, tmp / DISK)
-        for f in (*BOOT_FILES, "domain.xml"):
-            if (sdir / f).exists():
-                shutil.copyfile(sdir / f, tmp / f)
+        for f in BOOT_FILES:
+            shutil.copyfile(_boot_dir(ctx, src) / f, tmp / f)
         if src.has_memory_state and src.state_from:
-            shutil.copyfile(image_dir(ctx, src.state_from) / STATE, tmp / STATE)
+            for f in (STATE, "domain.xml"):
+                if (image_dir(ctx, src.state_from) / f).exists():
+                    shutil.copyfile(image_dir(ctx, src.state_from) / f, tmp / f)
         img = Image(**{**asdict(src), "name": dst, "kind": "clone", "parent": src_name, "source": src_name,
                        "state_from": dst if src.has_memory_state else None, "created": time.time(),
                        "notes": [f"full copy of {src_name}"]})
@@ -289,11 +302,34 @@ def snapshot(ctx: Context, src_name: str, dst: str) -> Image:
     tmp = _staging(ctx, dst)
     try:
         storage.create_overlay(tmp / DISK, sdir / DISK)
-        for f in BOOT_FILES:
-            # kernel and initrd are tiny; a hard link would tie the files' modes together
-            shutil.copyfile(sdir / f, tmp / f)
         img = Image(**{**asdict(src), "name": dst, "kind": "snapshot", "parent": src_name, "source": src_name,
                        "created": time.time(), "notes": [f"overlay on {src_name}"]})
+        return _finish(ctx, tmp, img)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_disk(ctx: Context, name: str, disk_path: Path, like: str = "tiny:v1") -> Image:
+    """Catalog a disk prepared outside osimg (copied in, flattened), booting with ``like``'s kernel and keys.
+
+    No builder runs, so there is no memory state; the caller vouches that the disk holds ``like``'s OS.
+    """
+    _check_new_name(ctx, name)
+    if not disk_path.is_file():
+        raise NotFoundError(f"cannot import {disk_path}: no such file")
+    src = resolve(ctx, like)
+    tmp = _staging(ctx, name)
+    try:
+        storage.convert(disk_path, tmp / DISK)
+        shutil.copyfile(src.kernel, tmp / "vmlinuz")
+        shutil.copyfile(src.initrd, tmp / "initrd.img")
+        img = Image(
+            name=name, kind="imported", parent=None, source=str(disk_path.resolve()), family=src.family,
+            os_version=src.os_version, files={}, virtual_size=0, allocated_size=0, has_memory_state=False,
+            state_from=None, host_key=src.host_key, cmdline=src.cmdline, memory_mib=src.memory_mib,
+            ready_marker=src.ready_marker, app_port=src.app_port,
+            notes=[f"disk imported from {disk_path}, boots like {like}"],
+        )
         return _finish(ctx, tmp, img)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,8 +360,9 @@ def verify(ctx: Context, name: str, raise_on_error: bool = False) -> list[str]:
             storage.check(d / DISK)
         except StorageError as err:
             problems.append(f"disk check failed: {err}")
-    if img.has_memory_state and img.state_from and img.state_from != name:
-        problems += [f"state source {img.state_from}: {p}" for p in verify(ctx, img.state_from)]
+    if img.kind == "snapshot" and img.parent:
+        # its content, memory state, kernel and initrd are the source's
+        problems += [f"source {img.parent}: {p}" for p in verify(ctx, img.parent)]
     if problems and raise_on_error:
         raise StorageError(f"image {name!r} failed verification: {'; '.join(problems)}")
     return problems
