@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -338,9 +339,13 @@ def test_vios_guest_export_is_a_libvirt_scsi_disk_on_a_loopback_port(
     c1 = clients[0]
     base = gname("gbase")
     att = att_mod.attach(ctx, c1.name, base, nodes=[vios_guests[1]], via="libvirt")
-    xml = ctx.hv.xml(c1.name)
-    assert "protocol='nbd'" in xml or 'protocol="nbd"' in xml
-    assert "127.0.0.1" in xml and "10.0.2." not in xml
+    exp = lus.get_export(ctx, lus.export_name(vios_guests[1], base))
+    assert exp is not None and exp.port
+    root = ET.fromstring(ctx.hv.xml(c1.name))
+    hosts = [(h.get("name"), h.get("port")) for d in root.iter("disk") if d.get("type") == "network"
+             for src in d.iter("source") if src.get("protocol") == "nbd" and src.get("name") == base
+             for h in src.iter("host")]
+    assert hosts == [("127.0.0.1", str(exp.port))]
     out = sh(ctx, c1, wait_disk(att.unit) + "mkdir -p /mnt/g && mount -o ro $D /mnt/g && "
              "cat /mnt/g/etc/osimg-version && umount /mnt/g")
     assert out.strip() == "v1"
