@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ import pycdlib
 
 from .errors import ValidationError
 from .validate import ip_address, ip_interface
-from .validate import name as valid_name
 
 USER_RE_ALLOWED = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
+KEY_TYPES = ("ssh-ed25519 ", "ssh-rsa ", "ecdsa-sha2-", "sk-ssh-ed25519@openssh.com ", "sk-ecdsa-sha2-")
+DEFAULT_USER_NET = "10.0.2.0/24"
 
 
 @dataclass
@@ -56,12 +59,19 @@ class Customization:
     kernel_params: list[str] = field(default_factory=list)
 
     def validate(self, where: str = "customization") -> Customization:
-        if self.hostname is not None:
-            valid_name(self.hostname, f"{where}.hostname")
+        """Check every field; errors name ``where`` and the field. Returns self for chaining."""
+        if self.hostname is not None and (not isinstance(self.hostname, str) or len(self.hostname) > 253
+                                          or not HOSTNAME_RE.match(self.hostname)):
+            raise ValidationError(f"{where}.hostname {self.hostname!r}: expected a host name (letters, digits "
+                                  "and '-' in dot-separated labels of at most 63 characters)")
         if self.address is not None:
-            iface = ip_interface(self.address, f"{where}.address")
-            if "/" not in self.address:
+            if "/" not in str(self.address):
                 raise ValidationError(f"{where}.address {self.address!r}: give a prefix length, e.g. 10.0.2.21/24")
+            iface = ip_interface(self.address, f"{where}.address")
+            net = iface.network
+            if net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
+                raise ValidationError(f"{where}.address {iface.ip} is the network or broadcast address of {net}; "
+                                      "expected a host address")
             if self.gateway is not None:
                 gw = ip_address(self.gateway, f"{where}.gateway")
                 if gw not in iface.network:
@@ -72,20 +82,60 @@ class Customization:
             raise ValidationError(f"{where}.gateway given without {where}.address")
         for g in self.groups:
             _unix_name(g, f"{where}.groups")
+        seen: set[str] = set()
         for u in self.users:
             _unix_name(u.name, f"{where}.users.name")
+            if u.name in seen:
+                raise ValidationError(f"{where}.users: user {u.name!r} is listed twice")
+            seen.add(u.name)
+            if u.uid is not None and (isinstance(u.uid, bool) or not isinstance(u.uid, int)
+                                      or not 1 <= u.uid <= 65533):
+                raise ValidationError(f"{where}.users.{u.name}.uid {u.uid!r}: expected an integer in 1..65533")
+            if not isinstance(u.shell, str) or not u.shell.startswith("/") or any(c.isspace() for c in u.shell):
+                raise ValidationError(f"{where}.users.{u.name}.shell {u.shell!r}: expected an absolute path")
             for g in u.groups:
                 _unix_name(g, f"{where}.users.{u.name}.groups")
+            for k in u.ssh_authorized_keys:
+                if not isinstance(k, str) or not k.startswith(KEY_TYPES) or "\n" in k or "\r" in k:
+                    raise ValidationError(f"{where}.users.{u.name}.ssh_authorized_keys: {str(k)[:30]!r}... is not "
+                                          "an OpenSSH public key line (expected e.g. 'ssh-ed25519 AAAA... comment')")
         for m in self.kernel_modules:
-            if not m or not set(m) <= USER_RE_ALLOWED:
+            if not isinstance(m, str) or not m or not set(m) <= USER_RE_ALLOWED:
                 raise ValidationError(f"{where}.kernel_modules: invalid module name {m!r}")
         for p in self.kernel_params:
-            if not p or any(c.isspace() for c in p):
-                raise ValidationError(f"{where}.kernel_params: {p!r} must be one word without spaces")
+            if not isinstance(p, str) or not p or any(c.isspace() or c in "\"'\\" for c in p):
+                raise ValidationError(f"{where}.kernel_params: {p!r} must be one word without spaces or quotes")
+        paths: set[str] = set()
         for mnt in self.mounts:
-            if not mnt.path.startswith("/") or ".." in mnt.path:
+            if not isinstance(mnt.path, str) or not mnt.path.startswith("/") or ".." in mnt.path.split("/"):
                 raise ValidationError(f"{where}.mounts: path {mnt.path!r} must be absolute without '..'")
+            if mnt.path == "/":
+                raise ValidationError(f"{where}.mounts: the root file system cannot be a mount of the customization")
+            if mnt.path in paths:
+                raise ValidationError(f"{where}.mounts: {mnt.path} is mounted twice")
+            paths.add(mnt.path)
+            for label, value in (("device", mnt.device), ("path", mnt.path), ("fstype", mnt.fstype),
+                                 ("options", mnt.options)):
+                # they end up in /etc/fstab, whose fields are separated by white space
+                if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+                    raise ValidationError(f"{where}.mounts[{mnt.path}].{label} {value!r}: expected one word "
+                                          "without spaces")
+        for script in self.init_scripts:
+            if not isinstance(script, str) or not script.strip():
+                raise ValidationError(f"{where}.init_scripts: {script!r} is not a command")
         return self
+
+    def user_mode_net(self) -> str:
+        """QEMU user-mode (slirp) network options for a guest with this customization.
+
+        The subnet is the one the static address lives in, and ``dhcpstart`` is that address: slirp
+        sends host forwards to its first DHCP address (``.15``) unless told otherwise, so without it
+        the 127.0.0.1 forwards would never reach a guest that set a static address of its own.
+        """
+        if not self.address:
+            return DEFAULT_USER_NET
+        iface = ipaddress.IPv4Interface(self.address)
+        return f"{iface.network},dhcpstart={iface.ip}"
 
     @property
     def netmask(self) -> str | None:
@@ -135,7 +185,15 @@ def _scalar(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, int):
         return str(v)
-    return json.dumps(str(v))
+    # JSON escapes are YAML double-quoted escapes; UTF-8 stays as it is, and what YAML would read
+    # as a line break (NEL, U+2028/9) or refuse as unprintable is escaped as \uXXXX as well
+    return "".join(c if _printable(c) else f"\\u{ord(c):04x}" for c in json.dumps(str(v), ensure_ascii=False))
+
+
+def _printable(c: str) -> bool:
+    n = ord(c)
+    return (0x20 <= n < 0x7F or (0xA0 <= n <= 0xD7FF and n not in (0x2028, 0x2029)) or 0xE000 <= n <= 0xFFFD
+            or 0x10000 <= n <= 0x10FFFF)
 
 
 def render(guest: str, c: Customization, instance_id: str) -> dict[str, str]:

@@ -116,9 +116,11 @@ def domain_spec(ctx: Context, g: Guest) -> DomainSpec:
     data = g.data_volume(ctx)
     if data is not None:
         disks.append(DiskSpec("vdc", path=str(data), serial="osimg-data"))
-    extra = " ".join(g.custom().kernel_params)
+    custom = g.custom()
+    extra = " ".join(custom.kernel_params)
     net = (NetSpec(mode="network", network=g.network, mac=g.mac) if g.network else
-           NetSpec(forwards={22: g.ssh_port, g.guest_app_port: g.app_port}, mac=g.mac))
+           NetSpec(forwards={22: g.ssh_port, g.guest_app_port: g.app_port}, mac=g.mac,
+                   subnet=custom.user_mode_net()))
     return DomainSpec(
         name=g.name, uuid=g.uuid, kernel=g.kernel, initrd=g.initrd,
         cmdline=f"{g.cmdline} {extra}".strip(), disks=disks, serial_log=str(g.console(ctx)),
@@ -130,7 +132,7 @@ def domain_spec(ctx: Context, g: Guest) -> DomainSpec:
 
 def write_customization(ctx: Context, g: Guest) -> None:
     c = g.custom()
-    if g.data_uuid and not any(m.path == "/data" for m in c.mounts):
+    if g.data_uuid and not any(m.path == "/data" or m.device == f"UUID={g.data_uuid}" for m in c.mounts):
         c.mounts.append(customize.Mount(device=f"UUID={g.data_uuid}", path="/data"))
     customize.write_config_drive(g.config_drive(ctx), customize.render(g.name, c, g.uuid))
 
@@ -236,3 +238,36 @@ def status(ctx: Context, g: Guest) -> str:
         return ctx.hv.state(g.name)
     except NotFoundError:
         return "undefined"
+
+
+DISK_TARGETS = {"os": "vda", "data": "vdc"}  # the targets domain_spec gives the two disks
+
+
+def resize(ctx: Context, name: str, disk: str, size: int) -> tuple[int, int]:
+    """Grow a guest's OS overlay (``disk='os'``) or data volume (``'data'``) to ``size`` bytes.
+
+    A running or paused guest is resized live through libvirt (its kernel sees the new capacity at
+    once), a stopped one with qemu-img. Shrinking is refused: the file system inside ends where it
+    ends, and cutting the disk under it destroys data. Only the block device grows; growing the
+    file system on it is the guest's business (``resize2fs``). Returns the old and new sizes.
+    """
+    g = load(ctx, name)
+    if disk not in DISK_TARGETS:
+        raise ValidationError(f"unknown disk {disk!r} of guest {name}: expected one of {', '.join(DISK_TARGETS)}")
+    path = g.overlay(ctx) if disk == "os" else g.data_volume(ctx)
+    if path is None:
+        raise NotFoundError(f"guest {name} has no data volume (give it one at creation with a data size)")
+    if size <= 0:
+        raise ValidationError(f"invalid size {size} for the {disk} disk of guest {name}: expected a positive size")
+    size = -(-size // 512) * 512  # qcow2 sizes are whole sectors
+    old = storage.info(path).virtual_size
+    if size < old:
+        raise ValidationError(f"the {disk} disk of guest {name} is {old} bytes ({old / (1 << 20):.0f} MiB); "
+                              f"shrinking it to {size} bytes is refused (only growing is supported)")
+    if size == old:
+        return old, old
+    if ctx.hv.is_active(name):
+        ctx.hv.block_resize(name, DISK_TARGETS[disk], size)
+    else:
+        storage.resize(path, size)
+    return old, storage.info(path).virtual_size
