@@ -18,7 +18,7 @@ import os
 from ..cluster.events import LIFECYCLE
 from ..cluster.store import EXCLUSIVE, SHARED_READ
 from ..context import Context
-from ..errors import ConflictError, NotFoundError
+from ..errors import ConflictError, NotFoundError, OsimgError
 from . import lus
 from .attach import Attachment, Path_, _add_blockdev, get, list_attachments, qmp, require_qmp, save
 from .lus import SERVING, STANDBY
@@ -45,7 +45,7 @@ def check(ctx: Context) -> list[str]:
         try:
             failover(ctx, att.guest, att.lu)
             moved.append(att.name)
-        except ConflictError as err:
+        except OsimgError as err:
             log.warning("failover of %s: %s", att.name, err)
     return moved
 

@@ -98,6 +98,7 @@ class ViosNode:
         self.agent = NodeAgent(ctx.store, name, f"unix:{self.folder}", self.folder / "node.json", ttl=ttl,
                                timeout=join_timeout, device_kinds=(EXPORT_KIND,))
         self.stopping = threading.Event()
+        self._duty: threading.Thread | None = None
         self.info = NodeInfo(name, backend.kind, "starting", os.getpid(), None, str(self.folder), started=time.time())
 
     def _publish_info(self) -> None:
@@ -147,16 +148,21 @@ class ViosNode:
                 if changed or time.monotonic() - last > RESYNC_EVERY:
                     self.reconcile()
                     last = time.monotonic()
-                if self.agent.is_primary:
-                    from .failover import check
-
-                    try:
-                        check(self.ctx)
-                    except OsimgError as err:
-                        log.warning("%s: failover check: %s", self.name, err)
+                if self.agent.is_primary and (self._duty is None or not self._duty.is_alive()):
+                    # in a thread: a failover may wait for this very loop to open a standby export
+                    self._duty = threading.Thread(target=self._failover_duty, name="failover", daemon=True)
+                    self._duty.start()
         finally:
             sub.close()
         return 0
+
+    def _failover_duty(self) -> None:
+        from .failover import check
+
+        try:
+            check(self.ctx)
+        except OsimgError as err:
+            log.warning("%s: failover check: %s", self.name, err)
 
     def _mine(self) -> list[str]:
         return sorted(self.agent.devices().get(EXPORT_KIND, {}))
