@@ -24,6 +24,8 @@ from .settings import RECIPES_DIR, Settings
 from .validate import name as valid_name
 
 FAMILIES = ("tiny", "debian", "vios")
+# recipes that copy files from another recipe's folder: a change there must rebuild them too
+USES = {"vios": ("tiny",)}
 FILES = ("disk.qcow2", "vmlinuz", "initrd.img", "host_key.pub", "manifest.json")
 
 
@@ -71,7 +73,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
 
 def recipe_hash(family: str, pubkey: str) -> str:
     h = hashlib.sha256()
-    for folder in (RECIPES_DIR / "common", RECIPES_DIR / family):
+    for folder in (RECIPES_DIR / "common", *(RECIPES_DIR / u for u in USES.get(family, ())), RECIPES_DIR / family):
         for f in sorted(p for p in folder.rglob("*") if p.is_file()):
             h.update(str(f.relative_to(RECIPES_DIR)).encode() + b"\0")
             h.update(f.read_bytes())
