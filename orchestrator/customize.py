@@ -198,8 +198,13 @@ def _printable(c: str) -> bool:
 
 def render(guest: str, c: Customization, instance_id: str) -> dict[str, str]:
     """The three NoCloud files for one guest."""
-    meta = {"instance-id": instance_id, "local-hostname": c.hostname or guest}
-    ud: dict[str, Any] = {"hostname": c.hostname or guest}
+    name = c.hostname or guest
+    meta = {"instance-id": instance_id, "local-hostname": name}
+    # cloud-init sets the short name as the host name and keeps the rest as the FQDN; spelled out
+    # here so the tiny image, which reads "hostname" as it is, ends up with the same host name
+    ud: dict[str, Any] = {"hostname": name.split(".")[0]}
+    if "." in name:
+        ud["fqdn"] = name
     if c.groups:
         ud["groups"] = list(c.groups)
     if c.users:

@@ -551,72 +551,77 @@ def drift(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return out
 
 
-def up(ctx: Context, spec: FleetSpec, wait: bool = True, prune: bool = False, timeout: float = 180,
-       progress: Progress = _quiet) -> FleetResult:
-    """Create what is missing, start what is stopped; a spec the host already matches changes nothing.
+def plan_up(ctx: Context, spec: FleetSpec, prune: bool = False) -> FleetResult:
+    """What ``up`` would do to each guest, refused for the reasons ``up`` refuses; changes nothing.
 
-    Everything is checked before the first change: name clashes with guests the fleet did not
-    create, guests whose spec changed since they were made (refused: rebuilding would discard their
-    overlay; ``osimg guest resize`` grows disks), unknown images. With ``prune``, guests the fleet
-    created that are no longer in the spec are removed; without, they are reported and kept.
+    Refused (ConflictError naming every problem): a guest whose spec changed since the fleet made
+    it (rebuilding would discard its overlay; ``osimg guest resize`` grows disks), a guest or
+    libvirt domain of the same name that the fleet did not create. Unknown images: ValidationError.
     """
-    with ctx.store.lock(f"fleet-{spec.name}", _holder(), ttl=60, wait=LOCK_WAIT):
-        check_images(ctx, spec)
-        mine = members(ctx, spec.name)
-        plan: list[tuple[GuestSpec, str]] = []
-        problems: list[str] = []
-        for gs in spec.guests:
-            exists = (ctx.settings.guests_dir / gs.name / "guest.json").exists()
-            if gs.name in mine and exists:
-                diffs = drift(mine[gs.name], gs.config())
-                if diffs:
-                    problems.append(f"guest {gs.name} differs from the spec ({'; '.join(diffs)})")
-                plan.append((gs, "existing"))
-            elif exists:
-                owner = _owner(ctx, gs.name)
-                by = f"fleet {owner}" if owner else "'osimg guest create' or another tool"
-                problems.append(f"guest {gs.name} already exists, created by {by}; remove it or rename the "
-                                f"guest in the spec")
-            elif ctx.hv.exists(gs.name):
-                problems.append(f"libvirt already has a domain named {gs.name!r} that osimg does not manage")
-            else:
-                plan.append((gs, "new"))
-        if problems:
-            raise ConflictError(f"{spec.path}: {'; '.join(problems)}. Nothing was changed; to rebuild a guest "
-                                f"from the new spec, remove it first ('osimg guest rm NAME') and run up again")
-        for gs in {g.image: g for g, what in plan if what == "new"}.values():
-            progress(f"resolving image {gs.image}")
-            images.resolve(ctx, gs.image)
-
-        actions: list[GuestAction] = []
-        for gs, what in plan:
-            if what == "new":
-                progress(f"creating {gs.name} on an overlay of {gs.image}")
-                _create(ctx, spec, gs)
-                actions.append(GuestAction(gs.name, "created", f"overlay on {gs.image}"))
-                continue
+    check_images(ctx, spec)
+    mine = members(ctx, spec.name)
+    actions: list[GuestAction] = []
+    problems: list[str] = []
+    for gs in spec.guests:
+        exists = (ctx.settings.guests_dir / gs.name / "guest.json").exists()
+        if gs.name in mine and exists:
+            diffs = drift(mine[gs.name], gs.config())
+            if diffs:
+                problems.append(f"guest {gs.name} differs from the spec ({'; '.join(diffs)})")
             state = ctx.hv.state(gs.name) if ctx.hv.exists(gs.name) else "undefined"
             if state == "running":
                 actions.append(GuestAction(gs.name, "unchanged", "running"))
             elif state == "paused":
-                progress(f"resuming {gs.name}")
-                ctx.hv.resume(gs.name)
                 actions.append(GuestAction(gs.name, "resumed", "was paused"))
             else:
-                progress(f"starting {gs.name}")
-                partitions.start(ctx, partitions.load(ctx, gs.name))
                 actions.append(GuestAction(gs.name, "started", f"was {state}"))
-        wanted = {g.name for g in spec.guests}
-        for name in sorted(set(mine) - wanted):
-            if prune:
-                progress(f"removing {name} (no longer in the spec)")
-                _remove(ctx, spec, name)
-                actions.append(GuestAction(name, "removed", "no longer in the spec"))
-            else:
-                actions.append(GuestAction(name, "kept", "no longer in the spec; 'fleet up --prune' removes it"))
-    if wait:
-        _wait(ctx, spec, [a for a in actions if a.action in ("created", "started")], timeout, progress)
+        elif exists:
+            owner = _owner(ctx, gs.name)
+            by = f"fleet {owner}" if owner else "'osimg guest create' or another tool"
+            problems.append(f"guest {gs.name} already exists, created by {by}; remove it or rename the "
+                            f"guest in the spec")
+        elif ctx.hv.exists(gs.name):
+            problems.append(f"libvirt already has a domain named {gs.name!r} that osimg does not manage")
+        else:
+            actions.append(GuestAction(gs.name, "created", f"overlay on {gs.image}"))
+    if problems:
+        raise ConflictError(f"{spec.path}: {'; '.join(problems)}. Nothing was changed; to rebuild a guest "
+                            f"from the new spec, remove it first ('osimg guest rm NAME') and run up again")
+    for name in sorted(set(mine) - {g.name for g in spec.guests}):
+        actions.append(GuestAction(name, "removed", "no longer in the spec") if prune else
+                       GuestAction(name, "kept", "no longer in the spec; 'fleet up --prune' removes it"))
     return FleetResult(spec.name, actions)
+
+
+def up(ctx: Context, spec: FleetSpec, wait: bool = True, prune: bool = False, timeout: float = 180,
+       progress: Progress = _quiet) -> FleetResult:
+    """Create what is missing, start what is stopped; a spec the host already matches changes nothing.
+
+    Everything is checked (``plan_up``) before the first change. With ``prune``, guests the fleet
+    created that are no longer in the spec are removed; without, they are reported and kept.
+    """
+    with ctx.store.lock(f"fleet-{spec.name}", _holder(), ttl=60, wait=LOCK_WAIT):
+        res = plan_up(ctx, spec, prune)
+        new = [spec.guest(a.name) for a in res.actions if a.action == "created"]
+        for image in dict.fromkeys(gs.image for gs in new):
+            progress(f"resolving image {image}")
+            images.resolve(ctx, image)
+        for a in res.actions:
+            if a.action == "created":
+                progress(f"creating {a.name} on an overlay of {spec.guest(a.name).image}")
+                _create(ctx, spec, spec.guest(a.name))
+            elif a.action == "resumed":
+                progress(f"resuming {a.name}")
+                ctx.hv.resume(a.name)
+            elif a.action == "started":
+                progress(f"starting {a.name}")
+                partitions.start(ctx, partitions.load(ctx, a.name))
+            elif a.action == "removed":
+                progress(f"removing {a.name} (no longer in the spec)")
+                _remove(ctx, spec, a.name)
+    if wait:
+        _wait(ctx, spec, [a for a in res.actions if a.action in ("created", "started")], timeout, progress)
+    return res
 
 
 def _create(ctx: Context, spec: FleetSpec, gs: GuestSpec) -> None:
@@ -678,6 +683,21 @@ def _wait(ctx: Context, spec: FleetSpec, actions: list[GuestAction], timeout: fl
                          f"(they are left as they are for inspection; 'osimg fleet down' removes them)")
 
 
+def plan_down(ctx: Context, spec: FleetSpec) -> FleetResult:
+    """What ``down`` would do to each guest; changes nothing."""
+    mine = members(ctx, spec.name)
+    actions = []
+    for name in [g.name for g in spec.guests] + sorted(set(mine) - {g.name for g in spec.guests}):
+        exists = (ctx.settings.guests_dir / name).exists() or ctx.hv.exists(name)
+        if name in mine:
+            actions.append(GuestAction(name, "removed") if exists else GuestAction(name, "absent", "already gone"))
+        elif exists:
+            actions.append(GuestAction(name, "kept", "not created by this fleet; 'osimg guest rm' removes it"))
+        else:
+            actions.append(GuestAction(name, "absent"))
+    return FleetResult(spec.name, actions)
+
+
 def down(ctx: Context, spec: FleetSpec, progress: Progress = _quiet) -> FleetResult:
     """Remove the fleet's guests (those in the spec and those the fleet created since) and their files.
 
@@ -685,23 +705,15 @@ def down(ctx: Context, spec: FleetSpec, progress: Progress = _quiet) -> FleetRes
     of the same name that the fleet did not create is left alone and reported as ``kept``.
     """
     with ctx.store.lock(f"fleet-{spec.name}", _holder(), ttl=60, wait=LOCK_WAIT):
+        res = plan_down(ctx, spec)
         mine = members(ctx, spec.name)
-        actions = []
-        for name in [g.name for g in spec.guests] + sorted(set(mine) - {g.name for g in spec.guests}):
-            exists = (ctx.settings.guests_dir / name).exists() or ctx.hv.exists(name)
-            if name in mine:
-                if exists:
-                    progress(f"removing {name}")
-                    _remove(ctx, spec, name)
-                    actions.append(GuestAction(name, "removed"))
-                else:
-                    _record(ctx, spec, name, None)
-                    actions.append(GuestAction(name, "absent", "already gone"))
-            elif exists:
-                actions.append(GuestAction(name, "kept", "not created by this fleet; 'osimg guest rm' removes it"))
-            else:
-                actions.append(GuestAction(name, "absent"))
-    return FleetResult(spec.name, actions)
+        for a in res.actions:
+            if a.action == "removed":
+                progress(f"removing {a.name}")
+                _remove(ctx, spec, a.name)
+            elif a.name in mine:
+                _record(ctx, spec, a.name, None)  # gone behind the fleet's back: forget it
+    return res
 
 
 def status(ctx: Context, spec: FleetSpec) -> list[dict[str, Any]]:

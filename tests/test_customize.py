@@ -78,7 +78,7 @@ def test_render_is_cloud_init_yaml() -> None:
     assert meta == {"instance-id": "iid-1", "local-hostname": "web1.example.test"}
     assert files["user-data"].startswith("#cloud-config\n")
     ud = yaml.safe_load(files["user-data"])
-    assert ud["hostname"] == "web1.example.test"
+    assert (ud["hostname"], ud["fqdn"]) == ("web1", "web1.example.test")
     assert ud["groups"] == ["ops"]
     assert ud["users"] == [{"name": "alice", "uid": 2001, "groups": "ops,web", "shell": "/bin/sh",
                             "lock_passwd": True, "ssh_authorized_keys": [KEY]}]
@@ -96,6 +96,7 @@ def test_render_without_address_has_no_network_config() -> None:
     files = customize.render("plain", Customization(), "iid-2")
     assert "network-config" not in files
     assert yaml.safe_load(files["meta-data"])["local-hostname"] == "plain"
+    assert "fqdn" not in yaml.safe_load(files["user-data"])
 
 
 @needs_busybox
