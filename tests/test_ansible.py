@@ -11,6 +11,7 @@ modules run as the collection's integration target, a role whose asserts do the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,6 +83,18 @@ def ansible_playbook(playbook: Path, *args: str, extra: dict[str, str] | None = 
     recap = RECAP_RE.search(proc.stdout)
     changed, failed = (int(recap.group(2)), int(recap.group(4))) if recap else (-1, -1)
     return Run(proc.returncode, out, tasks, changed, failed, seconds)
+
+
+def ansible_module(module: str, args: dict[str, str], *flags: str) -> tuple[str, dict[str, Any]]:
+    """One module run ad hoc ('ansible localhost -m ...'): its status (CHANGED, SUCCESS, FAILED!) and result."""
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"), "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
+           "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "0"}
+    argv = [str(Path(sys.executable).parent / "ansible"), "-i", str(ANSIBLE / "inventory.ini"), "localhost",
+            "-m", module, "-a", json.dumps(args), *flags]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=SOURCE_ROOT, timeout=600, check=False)
+    m = re.search(r"^localhost \| (\S+) => (\{.*\})\s*$", proc.stdout, re.M | re.S)
+    assert m, f"ansible -m {module} exited {proc.returncode}: {proc.stdout}{proc.stderr}"
+    return m.group(1), json.loads(m.group(2))
 
 
 def rolling_swap(*args: str) -> Run:
@@ -185,6 +199,16 @@ def test_rolling_swap_playbook(ctx: Context, fleet_spec: Path) -> None:
     recheck = rolling_swap("--check")
     assert recheck.rc == 0 and recheck.changed == 0, recheck.explain()
     assert _state(ctx) == after
+
+    down = {"spec": str(fleet_spec), "state": "absent", "home": str(HOME)}
+    status, res = ansible_module("osimg.virt.fleet", down, "--check")
+    assert status == "CHANGED" and [g["action"] for g in res["guests"]] == ["removed", "removed"], res
+    assert all(ctx.hv.state(n) == "running" for n in GUESTS), "check mode removed a guest"
+    status, res = ansible_module("osimg.virt.fleet", down)
+    assert status == "CHANGED" and res["summary"] == f"fleet a{RUN_ID}: 2 removed", res
+    assert not any(ctx.hv.exists(n) or (HOME / "guests" / n).exists() for n in GUESTS)
+    status, res = ansible_module("osimg.virt.fleet", down)
+    assert status == "SUCCESS" and not res["changed"], res
     print(f"\n[measure] rolling swap playbook test: {time.monotonic() - t0:.1f}s")
 
 

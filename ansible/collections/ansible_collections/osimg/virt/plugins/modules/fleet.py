@@ -136,57 +136,8 @@ from ansible_collections.osimg.virt.plugins.module_utils.common import new_modul
 
 try:
     from orchestrator import fleet
-    from orchestrator.errors import ConflictError
 except ImportError:
     pass  # new_module() fails the task with the import error
-
-
-def predict_up(ctx: Any, spec: Any, prune: bool) -> Any:
-    """What ``fleet.up`` would do, refused for the reasons it would refuse, without doing it."""
-    fleet.check_images(ctx, spec)
-    mine = fleet.members(ctx, spec.name)
-    actions, problems = [], []
-    for gs in spec.guests:
-        exists = (ctx.settings.guests_dir / gs.name / "guest.json").exists()
-        if gs.name in mine and exists:
-            diffs = fleet.drift(mine[gs.name], gs.config())
-            if diffs:
-                problems.append(f"guest {gs.name} differs from the spec ({'; '.join(diffs)})")
-            state = ctx.hv.state(gs.name) if ctx.hv.exists(gs.name) else "undefined"
-            if state == "running":
-                actions.append(fleet.GuestAction(gs.name, "unchanged", "running"))
-            elif state == "paused":
-                actions.append(fleet.GuestAction(gs.name, "resumed", "was paused"))
-            else:
-                actions.append(fleet.GuestAction(gs.name, "started", f"was {state}"))
-        elif exists:
-            problems.append(f"guest {gs.name} already exists and was not created by fleet {spec.name}; remove it "
-                            f"or rename the guest in the spec")
-        elif ctx.hv.exists(gs.name):
-            problems.append(f"libvirt already has a domain named {gs.name!r} that osimg does not manage")
-        else:
-            actions.append(fleet.GuestAction(gs.name, "created", f"overlay on {gs.image}"))
-    if problems:
-        raise ConflictError(f"{spec.path}: {'; '.join(problems)}. Nothing was changed; to rebuild a guest from the "
-                            f"new spec, remove it first ('osimg guest rm NAME') and run up again")
-    for name in sorted(set(mine) - {g.name for g in spec.guests}):
-        actions.append(fleet.GuestAction(name, "removed", "no longer in the spec") if prune else
-                       fleet.GuestAction(name, "kept", "no longer in the spec; 'fleet up --prune' removes it"))
-    return fleet.FleetResult(spec.name, actions)
-
-
-def predict_down(ctx: Any, spec: Any) -> Any:
-    mine = fleet.members(ctx, spec.name)
-    actions = []
-    for name in [g.name for g in spec.guests] + sorted(set(mine) - {g.name for g in spec.guests}):
-        exists = (ctx.settings.guests_dir / name).exists() or ctx.hv.exists(name)
-        if name in mine and exists:
-            actions.append(fleet.GuestAction(name, "removed"))
-        elif exists:
-            actions.append(fleet.GuestAction(name, "kept", "not created by this fleet; 'osimg guest rm' removes it"))
-        else:
-            actions.append(fleet.GuestAction(name, "absent"))
-    return fleet.FleetResult(spec.name, actions)
 
 
 def converge(module: Any, ctx: Any) -> dict[str, Any]:
@@ -196,10 +147,11 @@ def converge(module: Any, ctx: Any) -> dict[str, Any]:
     fctx = ctx if p["uri"] else fleet.context_for(ctx, spec)
     try:
         if p["state"] == "present":
-            res = (predict_up(fctx, spec, p["prune"]) if module.check_mode else
+            # plan_up is what up checks and decides before its first change
+            res = (fleet.plan_up(fctx, spec, p["prune"]) if module.check_mode else
                    fleet.up(fctx, spec, wait=p["wait"], prune=p["prune"], timeout=p["timeout"]))
         else:
-            res = predict_down(fctx, spec) if module.check_mode else fleet.down(fctx, spec)
+            res = fleet.plan_down(fctx, spec) if module.check_mode else fleet.down(fctx, spec)
     finally:
         if fctx is not ctx:
             fctx.close()
