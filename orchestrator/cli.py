@@ -32,7 +32,7 @@ def parse_size(text: str) -> int:
     try:
         if t and t[-1] in units:
             return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
+        return int(float(t) * units["m"])  # a plain number means MiB, as in fleet specs
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 512M or 2G") from None
 
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", required=True, help="catalog image name or recipe FAMILY:VERSION (e.g. tiny:v1)")
     c.add_argument("--memory", type=int, help="MiB (default: the image's)")
     c.add_argument("--vcpus", type=int, default=1)
-    c.add_argument("--data-size", type=parse_size, help="attach a data volume of this size (e.g. 256M)")
+    c.add_argument("--data-size", type=parse_size, help="data volume size (e.g. 256M; plain number: MiB)")
     c.add_argument("--no-wait", action="store_true", help="return once started, without waiting for SSH")
     ls = add(guest, "list", cmd_guest_list, "list guests")
     ls.add_argument("--all", action="store_true", help="include hidden builder guests")

@@ -179,7 +179,7 @@ def live_script(c: Customization, guest: str, data_uuid: str | None) -> str:
     for m in c.kernel_modules:
         lines.append(f"modprobe {q(m)} || true")
     mounts = list(c.mounts)
-    if data_uuid and not any(m.path == "/data" for m in mounts):
+    if data_uuid and not any(m.path == "/data" or m.device == f"UUID={data_uuid}" for m in mounts):
         from .customize import Mount
 
         mounts.append(Mount(device=f"UUID={data_uuid}", path="/data"))
@@ -194,7 +194,8 @@ def live_script(c: Customization, guest: str, data_uuid: str | None) -> str:
         ]
     for script in c.init_scripts:
         lines.append(f"sh -c {q(script)} || echo \"init script failed: $?\" >&2")
-    lines.append("/usr/sbin/osimg-app start")
+    # the application keeps its state on the data volume: no /data, no application
+    lines.append('if grep -q " /data " /proc/mounts; then /usr/sbin/osimg-app start; fi')
     return "\n".join(lines) + "\n"
 
 
@@ -325,6 +326,8 @@ def _health(ctx: Context, g: partitions.Guest, version: str, counter_before: int
         osr = s.run(["cat", "/etc/os-release"], check=True).out
     if f"VERSION_ID={version}" not in osr and f'VERSION_ID="{version}"' not in osr:
         raise GuestError(f"{g.name}: /etc/os-release does not show version {version}")
+    if counter_before is None:
+        return None  # no application answered before the swap: nothing to compare
     n = wait_app(g.app_port, timeout=min(timeout, 30))
     if n is None:
         raise GuestError(f"{g.name}: the application does not answer on 127.0.0.1:{g.app_port}")
@@ -407,7 +410,7 @@ def _warm(ctx: Context, g: partitions.Guest, target: images.BootImage, res: Swap
         _guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid), "live customization")
         _journal(ctx, g.name, step="customized")
         _step(res, "customize", t0)
-        first = wait_app(new.app_port, timeout=30, poll=0.02)
+        first = wait_app(new.app_port, timeout=30, poll=0.02) if res.counter_before is not None else 0
         res.downtime = round(time.monotonic() - down, 3)
         if first is None:
             raise GuestError(f"{g.name}: the application does not answer on the new OS")
