@@ -55,7 +55,7 @@ fi
 virsh -c qemu:///system version >/dev/null || { echo "libvirtd does not answer on qemu:///system" >&2; exit 1; }
 
 # 4. etcd binaries from Debian packages (unpacked, not installed: the package would start a service)
-bash scripts/etcd.sh fetch >/dev/null
+bash scripts/etcd.sh install >/dev/null
 
 # 5. guest images (cached by recipe hash; a cached build is reused at once)
 IMAGES=${OSIMG_PREBUILD:-"tiny:v1 tiny:v2 debian:v1 debian:v2"}
