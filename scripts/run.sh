@@ -34,7 +34,7 @@ stamp=$(sha256sum pyproject.toml | cut -c1-16)
 if [ "$(cat .venv/.osimg-stamp 2>/dev/null)" != "$stamp" ]; then
   log "installing osimg and its dependencies into .venv (libvirt-python builds from source)"
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/pip install -q -e '.[dev]' 2>&1 | grep -vi 'is ignored\|warning' || true
+  .venv/bin/pip install -q -e '.[dev]' >"$CACHE/pip.log" 2>&1 || { tail -20 "$CACHE/pip.log" >&2; exit 1; }
   .venv/bin/python -c 'import libvirt, orchestrator' || { echo "python install failed" >&2; exit 1; }
   echo "$stamp" >.venv/.osimg-stamp
 fi
