@@ -8,6 +8,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=$1 VERSION=$2 PUBKEY=$3
 KVER=${KVER:-$(ls /boot/vmlinuz-*-cloud-amd64 | sort -V | tail -1 | sed "s#/boot/vmlinuz-##")}
 SUITE=bookworm
+# the Debian mirror the host's apt uses; listed explicitly (with updates and security) so that
+# mmdebstrap never falls back to another source
 MIRROR=http://deb.debian.org/debian
 SECURITY=http://deb.debian.org/debian-security
 # the guest boots the host's kernel, so it gets the host's modules (modprobe, udev, bootcmd)
