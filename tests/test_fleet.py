@@ -470,7 +470,7 @@ def test_resize_stopped_guest_then_up_starts_it(ctx: Context, fleet3: Fleet) -> 
     old = storage.info(g.overlay(ctx)).virtual_size
     ctx.hv.shutdown(name)
     assert not ctx.hv.is_active(name)
-    res = osimg("guest", "resize", name, "--disk", "os", "--size", str(old + 32 * MIB), "--json")
+    res = osimg("guest", "resize", name, "--disk", "os", "--size", f"{(old + 32 * MIB) // MIB}M", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["live"] is False
     assert storage.info(g.overlay(ctx)).virtual_size == old + 32 * MIB
