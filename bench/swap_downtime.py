@@ -68,6 +68,7 @@ def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> float:
         [r] = swap.rollout(ctx, swap.plan(ctx, [guest], to, strategy))
         if not r.ok:
             raise SystemExit(f"{strategy} swap of {guest} failed: {r.error}")
+        print(f"    {strategy} {guest}: orchestrator-reported downtime {r.downtime}s, steps {r.steps}", flush=True)
         time.sleep(0.5)
     return p.downtime(start)
 

@@ -202,7 +202,12 @@ def live_script(c: Customization, guest: str, data_uuid: str | None) -> str:
 RELEASE_DATA = """
 /usr/sbin/osimg-app stop
 sync
-if grep -q " /data " /proc/mounts; then umount /data || { /usr/sbin/osimg-app start; exit 1; }; fi
+# requests already being served finish first: retry for up to 2 s while /data is busy
+n=0
+while grep -q " /data " /proc/mounts && ! umount /data 2>/dev/null; do
+  n=$((n+1)); [ $n -gt 40 ] && { /usr/sbin/osimg-app start; echo "/data stays busy" >&2; exit 1; }
+  sleep 0.05
+done
 """
 
 

@@ -2,10 +2,14 @@
 # Build the "tiny" guest image offline from Debian packages, without mounting anything:
 # static busybox + dropbear + qemu-guest-agent, an init that reads a NoCloud drive, the demo app.
 # usage: build.sh OUT VERSION CLIENT_PUBKEY_FILE
+# Other busybox families reuse this script through FAMILY, EXTRA_PKGS, EXTRA_BINS (paths inside
+# the unpacked packages, copied to /usr/sbin with their libraries) and MODULES (see images/vios).
 # writes OUT/{disk.qcow2,vmlinuz,initrd.img,host_key.pub,manifest.json}
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=$1 VERSION=$2 PUBKEY=$3
+FAMILY=${FAMILY:-tiny}
+MODULES=${MODULES:-dummy tun nbd}
 KVER=${KVER:-$(ls /boot/vmlinuz-*-cloud-amd64 | sort -V | tail -1 | sed "s#/boot/vmlinuz-##")}
 DEBS=${OSIMG_DEB_CACHE:-$OUT/../debs}
 W=$(mktemp -d)
@@ -13,7 +17,7 @@ trap 'rm -rf "$W"' EXIT
 mkdir -p "$OUT" "$DEBS"
 
 # 1. .debs fetched with apt-get download (nothing installed, no service started), then unpacked
-PKGS="dropbear-bin qemu-guest-agent libtomcrypt1 libtommath1"
+PKGS="dropbear-bin qemu-guest-agent libtomcrypt1 libtommath1 ${EXTRA_PKGS:-}"
 (cd "$DEBS" && for p in $PKGS; do ls "${p}"_*.deb >/dev/null 2>&1 || apt-get download "$p" >/dev/null 2>&1; done)
 ST=$W/stage; mkdir -p "$ST"
 for p in $PKGS; do dpkg-deb -x "$(ls "$DEBS/${p}"_*.deb | head -1)" "$ST"; done
@@ -26,8 +30,10 @@ chmod 1777 "$R/tmp"; chmod 700 "$R/root" "$R/root/.ssh"
 cp -a "$HERE/rootfs/." "$HERE/../common/app/." "$R/"
 cp /usr/bin/busybox "$R/bin/busybox"
 for a in $(/usr/bin/busybox --list-full); do [ -e "$R/$a" ] || ln -s /bin/busybox "$R/$a"; done
-cp "$ST/usr/sbin/dropbear" "$ST/usr/sbin/qemu-ga" "$R/usr/sbin/"
-for b in "$R/usr/sbin/dropbear" "$R/usr/sbin/qemu-ga"; do
+BINS="/usr/sbin/dropbear /usr/sbin/qemu-ga ${EXTRA_BINS:-}"
+for b in $BINS; do cp "$ST$b" "$R/usr/sbin/"; done
+for b in $BINS; do
+  b=$R/usr/sbin/$(basename "$b")
   LD_LIBRARY_PATH="$ST/usr/lib/x86_64-linux-gnu" ldd "$b" | grep -o '/[^ ]*' | while read -r lib; do
     case "$lib" in
       */ld-linux-x86-64.so.2) cp -L "$lib" "$R/usr/lib64/ld-linux-x86-64.so.2" ;;
@@ -36,7 +42,7 @@ for b in "$R/usr/sbin/dropbear" "$R/usr/sbin/qemu-ga"; do
   done
 done
 # kernel modules that a customization may ask to load (busybox modprobe reads modules.dep)
-for m in dummy tun nbd; do
+for m in $MODULES; do
   for ko in $(modprobe -S "$KVER" --show-depends "$m" | awk '$1=="insmod"{print $2}'); do
     mkdir -p "$R$(dirname "$ko")"; cp "$ko" "$R$ko"
   done
@@ -46,12 +52,12 @@ printf 'root:*:0:0:root:/root:/bin/sh\n' >"$R/etc/passwd"
 printf 'root:x:0:\n' >"$R/etc/group"
 echo '/bin/sh' >"$R/etc/shells"
 echo 'passwd: files' >"$R/etc/nsswitch.conf"
-echo "osimg-tiny" >"$R/etc/hostname"
+echo "osimg-$FAMILY" >"$R/etc/hostname"
 echo "$VERSION" >"$R/etc/osimg-version"
 cat >"$R/etc/os-release" <<OSR
-PRETTY_NAME="osimg tiny $VERSION"
-NAME="osimg tiny"
-ID=osimg-tiny
+PRETTY_NAME="osimg $FAMILY $VERSION"
+NAME="osimg $FAMILY"
+ID=osimg-$FAMILY
 VERSION_ID=$VERSION
 VERSION="$VERSION"
 OSR
@@ -75,7 +81,7 @@ truncate -s 256M "$W/root.raw"
 mkfs.ext4 -q -F -L root -E root_owner=0:0 -d "$R" "$W/root.raw"
 qemu-img convert -O qcow2 "$W/root.raw" "$OUT/disk.qcow2"
 cat >"$OUT/manifest.json" <<JSON
-{"family": "tiny", "version": "$VERSION", "os_version": "$VERSION", "kernel_release": "$KVER",
+{"family": "$FAMILY", "version": "$VERSION", "os_version": "$VERSION", "kernel_release": "$KVER",
  "cmdline": "console=ttyS0 root=/dev/vda rootfstype=ext4 quiet panic=-1", "memory_mib": 256,
  "ready_marker": "OSIMG-READY", "agent": true, "app_port": 8080}
 JSON
