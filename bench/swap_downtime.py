@@ -61,13 +61,16 @@ class Probe:
 
 
 def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> float:
+    """Downtime seen by the probe; NaN when the swap failed (and was rolled back)."""
     g = partitions.load(ctx, guest)
     with Probe(g.app_port) as p:
         time.sleep(0.5)
         start = time.monotonic()
         [r] = swap.rollout(ctx, swap.plan(ctx, [guest], to, strategy))
         if not r.ok:
-            raise SystemExit(f"{strategy} swap of {guest} failed: {r.error}")
+            state = "rolled back" if r.rolled_back else "not rolled back"
+            print(f"    {strategy} {guest}: FAILED ({state}): {r.error}", flush=True)
+            return float("nan")
         print(f"    {strategy} {guest}: orchestrator-reported downtime {r.downtime}s, steps {r.steps}", flush=True)
         time.sleep(0.5)
     return p.downtime(start)
@@ -94,7 +97,8 @@ def family_run(ctx: Context, fam: str, n: int, tag: str) -> dict[str, list[float
     out: dict[str, list[float]] = {"warm": [], "cold": []}
     for name in names:
         out["warm"].append(measured_swap(ctx, name, v2, "warm"))
-        swap.rollout(ctx, swap.plan(ctx, [name], v1, "warm"))
+        if partitions.load(ctx, name).image != v1:
+            swap.rollout(ctx, swap.plan(ctx, [name], v1, "cold"))
         out["cold"].append(measured_swap(ctx, name, v2, "cold"))
         print(f"[{fam}] {name}: warm {out['warm'][-1]:.2f}s  cold {out['cold'][-1]:.2f}s", flush=True)
     for name in names:
@@ -145,9 +149,13 @@ def main() -> int:
         shutil.rmtree(home, ignore_errors=True)
     print("\nfamily   warm median   cold median   warm/cold   (downtime, host probe every 50 ms)")
     for fam, r in results.items():
-        w, c = statistics.median(r["warm"]), statistics.median(r["cold"])
+        ok = {k: [x for x in v if x == x] for k, v in r.items()}  # NaN marks a failed swap
+        if not ok["warm"] or not ok["cold"]:
+            print(f"{fam:8} no ratio: failed swaps {r}")
+            continue
+        w, c = statistics.median(ok["warm"]), statistics.median(ok["cold"])
         print(f"{fam:8} {w:10.2f}s {c:12.2f}s {w / c:11.2f}   warm {[round(x, 2) for x in r['warm']]} "
-              f"cold {[round(x, 2) for x in r['cold']]}")
+              f"cold {[round(x, 2) for x in r['cold']]} (nan: failed, rolled back)")
     if rollout:
         print(f"rollout of 4 guests: batch 1 {rollout[1]:.1f}s, batch 2 {rollout[2]:.1f}s, "
               f"batch2/batch1 {rollout[2] / rollout[1]:.2f}")

@@ -415,7 +415,7 @@ def _warm(ctx: Context, g: partitions.Guest, target: images.BootImage, res: Swap
         _guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid), "live customization")
         _journal(ctx, g.name, step="customized")
         _step(res, "customize", t0)
-        first = wait_app(new.app_port, timeout=30, poll=0.02) if res.counter_before is not None else 0
+        first = wait_app(new.app_port, timeout=health_timeout, poll=0.02) if res.counter_before is not None else 0
         res.downtime = round(time.monotonic() - down, 3)
         if first is None:
             raise GuestError(f"{g.name}: the application does not answer on the new OS")
@@ -552,6 +552,10 @@ def resume(ctx: Context, progress: Progress = _quiet) -> list[SwapResult]:
     out = []
     for rec in journal(ctx):
         name = rec["guest"]
+        if not (ctx.settings.guests_dir / name).exists():
+            progress(f"{name}: the guest was removed; dropping its journal entry")
+            ctx.store.delete(JOURNAL, name)
+            continue
         old = partitions.Guest(**rec["old"])
         new = partitions.Guest(**rec["new"])
         res = SwapResult(name, rec.get("strategy", "?"), old.image, new.image, old.os_version)
