@@ -1,7 +1,7 @@
 """SSH into guests through their 127.0.0.1 forward, with the image's host key pinned.
 
 Host keys are generated at image build time and recorded in the image's manifest, so the client
-knows the key before the first connection: RejectPolicy, never AutoAddPolicy (no trust on first use).
+knows the key before the first connection: RejectPolicy, never auto-adding an unknown key (no trust on first use).
 Commands go over the wire as argv lists quoted with ``shlex.join``, or as a script on stdin.
 """
 

@@ -425,17 +425,9 @@ def _warm(ctx: Context, g: partitions.Guest, target: images.BootImage, res: Swap
         res.counter_after = _health(ctx, new, target.os_version, res.counter_before, health_timeout)
         _step(res, "health", t0)
     except OsimgError as err:
-        res.error = f"warm swap failed: {err}"
-        res.downtime = None
-        progress(f"{g.name}: rolling back ({err})")
-        _rollback(ctx, old, new_overlay)
-        res.rolled_back = True
-        res.counter_after = app_counter(g.app_port)
+        _roll_back(ctx, res, old, new_overlay, err, progress)
         return
-    _commit(ctx, old, new)
-    res.ok = True
-    res.new_version = target.os_version
-    _step(res, "commit", t0)
+    _finish(ctx, res, old, new, t0)
 
 
 def _moved(g: partitions.Guest, target: images.BootImage, overlay: str) -> partitions.Guest:
@@ -474,15 +466,25 @@ def _cold(ctx: Context, g: partitions.Guest, target: images.BootImage, res: Swap
         res.counter_after = n
         _step(res, "health", t0)
     except OsimgError as err:
-        res.error = f"cold swap failed: {err}"
-        progress(f"{g.name}: rolling back ({err})")
-        _rollback(ctx, old, new_overlay)
-        res.rolled_back = True
-        res.counter_after = app_counter(g.app_port)
+        _roll_back(ctx, res, old, new_overlay, err, progress)
         return
+    _finish(ctx, res, old, new, t0)
+
+
+def _roll_back(ctx: Context, res: SwapResult, old: partitions.Guest, new_overlay: str, err: OsimgError,
+               progress: Progress) -> None:
+    res.error = f"{res.strategy} swap failed: {err}"
+    res.downtime = None
+    progress(f"{old.name}: rolling back ({err})")
+    _rollback(ctx, old, new_overlay)
+    res.rolled_back = True
+    res.counter_after = app_counter(old.app_port)
+
+
+def _finish(ctx: Context, res: SwapResult, old: partitions.Guest, new: partitions.Guest, t0: float) -> None:
     _commit(ctx, old, new)
     res.ok = True
-    res.new_version = target.os_version
+    res.new_version = new.os_version
     _step(res, "commit", t0)
 
 
