@@ -100,10 +100,14 @@ def cmd_guest_ssh(ctx: Context, a: argparse.Namespace) -> int:
 
 
 def cmd_guest_rm(ctx: Context, a: argparse.Namespace) -> int:
+    return _remove_each(a, "guest", lambda n: partitions.remove(ctx, n))
+
+
+def _remove_each(a: argparse.Namespace, what: str, remove: Callable[[str], None]) -> int:
     for name in a.names:
-        partitions.remove(ctx, name)
+        remove(name)
         if not a.json:
-            out.print(f"removed guest {name}")
+            out.print(f"removed {what} {name}")
     if a.json:
         emit_json({"removed": a.names})
     return 0
@@ -176,13 +180,7 @@ def cmd_image_verify(ctx: Context, a: argparse.Namespace) -> int:
 
 
 def cmd_image_rm(ctx: Context, a: argparse.Namespace) -> int:
-    for n in a.names:
-        images.remove(ctx, n)
-        if not a.json:
-            out.print(f"removed image {n}")
-    if a.json:
-        emit_json({"removed": a.names})
-    return 0
+    return _remove_each(a, "image", lambda n: images.remove(ctx, n))
 
 
 # -- swap ---------------------------------------------------------------------------------------------

@@ -64,6 +64,13 @@ def _cleanup(ctx: Context, spec: fleet.FleetSpec) -> None:
             images.remove(ctx, name)
 
 
+def _build_golden(ctx: Context, name: str, recipe: str, progress: Progress) -> None:
+    version = recipe.partition(":")[2]
+    steps = images.BuildSteps(files=[{"path": "/etc/motd", "content": f"osimg demo golden image {version}\n",
+                                      "mode": "0644"}])
+    images.build(ctx, name, recipe, steps, progress=lambda m: progress(f"{name}: {m}"))
+
+
 def leftovers(ctx: Context, spec: fleet.FleetSpec) -> list[str]:
     out = [f"domain {g.name}" for g in spec.guests if ctx.hv.exists(g.name)]
     out += [f"guest folder {g.name}" for g in spec.guests if (ctx.settings.guests_dir / g.name).exists()]
@@ -89,9 +96,7 @@ def run(ctx: Context, keep: bool = False, progress: Progress = lambda _m: None, 
     try:
         t0 = time.monotonic()
         progress(f"building golden image {V1} in a hidden builder (capture: disk + memory)")
-        images.build(ctx, V1, "tiny:v1", images.BuildSteps(
-            files=[{"path": "/etc/motd", "content": "osimg demo golden image v1\n", "mode": "0644"}]),
-            progress=lambda m: progress(f"{V1}: {m}"))
+        _build_golden(ctx, V1, "tiny:v1", progress)
         phase("build v1", t0)
 
         t0 = time.monotonic()
@@ -112,9 +117,7 @@ def run(ctx: Context, keep: bool = False, progress: Progress = lambda _m: None, 
 
         t0 = time.monotonic()
         progress(f"building golden image {V2}")
-        images.build(ctx, V2, "tiny:v2", images.BuildSteps(
-            files=[{"path": "/etc/motd", "content": "osimg demo golden image v2\n", "mode": "0644"}]),
-            progress=lambda m: progress(f"{V2}: {m}"))
+        _build_golden(ctx, V2, "tiny:v2", progress)
         phase("build v2", t0)
 
         t0 = time.monotonic()
