@@ -11,13 +11,14 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import recipes
-from .hypervisor import Hypervisor
+from .hypervisor import VIRTLOGD_SOCK, Hypervisor
 from .settings import Settings
 
 QEMU_USER = "libvirt-qemu"
@@ -111,9 +112,21 @@ def _confinement() -> str:
     return "; ".join(notes) or "no AppArmor or SELinux confinement active"
 
 
+def _virtlogd() -> tuple[bool, str]:
+    """A stale socket file outlives a dead virtlogd; only a connection tells them apart."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(2)
+        try:
+            s.connect(VIRTLOGD_SOCK)
+        except OSError as err:
+            return False, f"{VIRTLOGD_SOCK}: {err.strerror or err}; domains cannot start (run 'virtlogd -d')"
+    return True, f"answers on {VIRTLOGD_SOCK}"
+
+
 def run(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> Report:
     rep = Report()
     rep.versions = hv.versions()
+    rep.checks.append(Check("virtlogd", *_virtlogd()))
     choice = choose_accel(settings, hv, reprobe=reprobe)
     rep.accel = {"accel": choice.accel, "label": choice.label, "reason": choice.reason,
                  "probed_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(choice.probed_at))}

@@ -32,6 +32,7 @@ from .errors import ConflictError, GuestError, HypervisorError, NotFoundError
 DEFAULT_URI = "qemu:///system"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 OSIMG_NS = "https://osimg.dev/xmlns/domain/1"
+VIRTLOGD_SOCK = "/run/libvirt/virtlogd-sock"  # libvirtd hands every QEMU's console log to virtlogd here
 ET.register_namespace("qemu", QEMU_NS)
 ET.register_namespace("osimg", OSIMG_NS)
 
@@ -298,7 +299,10 @@ class Hypervisor:
         try:
             yield
         except libvirt.libvirtError as err:
-            raise HypervisorError(f"{what}: {err.get_error_message()}") from None
+            msg = err.get_error_message()
+            if VIRTLOGD_SOCK in msg:
+                msg += " (virtlogd is not running: start it with 'virtlogd -d', or run 'bash scripts/run.sh setup')"
+            raise HypervisorError(f"{what}: {msg}") from None
 
     # -- inventory --------------------------------------------------------------------------------
     def exists(self, name: str) -> bool:
@@ -565,6 +569,8 @@ class Hypervisor:
         try:
             self.create(spec, persistent=False)
         except (HypervisorError, ConflictError) as err:
+            if VIRTLOGD_SOCK in str(err):
+                raise  # the host is broken for every domain type: no verdict about KVM to remember
             return False, f"KVM domain failed to start: {err}"
         try:
             while time.monotonic() - started < timeout:

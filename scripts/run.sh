@@ -39,15 +39,25 @@ if [ "$(cat .venv/.osimg-stamp 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" >.venv/.osimg-stamp
 fi
 
-# 3. libvirt daemons: no systemd here, so start them directly when qemu:///system does not answer.
+# 3. libvirt daemons: no systemd here, so start them directly. Each is checked on its own, by a
+# real connection: a socket file can outlive its daemon (a stale virtlogd-sock makes every domain
+# start fail with "Connection refused" while libvirtd itself answers).
 # libvirtd runs under 'tini -s' (a child subreaper): QEMU daemonizes, and its orphaned process
 # must be reaped promptly or libvirt waits on the zombie. Some container inits reap only once a
 # second, which would add a second to every guest teardown (and to every warm swap's downtime).
+sock_alive() {
+  python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])' "$1" \
+    >/dev/null 2>&1
+}
+mkdir -p "$CACHE/daemons"
+if ! sock_alive /run/libvirt/virtlogd-sock; then
+  rm -f /run/libvirt/virtlogd-sock /run/libvirt/virtlogd-admin-sock
+  virtlogd -d -p "$CACHE/daemons/virtlogd.pid"
+  for _ in $(seq 50); do sock_alive /run/libvirt/virtlogd-sock && break; sleep 0.1; done
+  log "started virtlogd (pid $(cat "$CACHE/daemons/virtlogd.pid"))"
+fi
+sock_alive /run/libvirt/virtlogd-sock || { echo "virtlogd does not answer on /run/libvirt/virtlogd-sock" >&2; exit 1; }
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
-  mkdir -p "$CACHE/daemons"
-  if ! [ -S /run/libvirt/virtlogd-sock ]; then
-    virtlogd -d -p "$CACHE/daemons/virtlogd.pid"; log "started virtlogd (pid $(cat "$CACHE/daemons/virtlogd.pid"))"
-  fi
   setsid tini -s -- libvirtd -p "$CACHE/daemons/libvirtd.pid" </dev/null >"$CACHE/daemons/libvirtd.log" 2>&1 &
   for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.1; done
   log "started libvirtd (pid $(cat "$CACHE/daemons/libvirtd.pid"), under tini -s)"
