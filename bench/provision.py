@@ -5,7 +5,7 @@
 For each N, two ways in one run, one after the other:
 
 - ``overlay``: osimg's way. Every guest's OS disk is a qcow2 overlay on the shared read-only base
-  (``partitions.create``): creating it writes a few hundred bytes, whatever the base's size.
+  (``guests.create``): creating it writes a few hundred bytes, whatever the base's size.
 - ``copy``: what a peer without linked clones does. Every guest gets a full copy of the base
   (``qemu-img convert``, data and metadata) and boots from that.
 
@@ -34,9 +34,11 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator import images, partitions, storage
+from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.errors import OsimgError
+from orchestrator.host import qemu_img
+from orchestrator.images import catalog
 from orchestrator.settings import SOURCE_ROOT
 
 MIB = 1 << 20
@@ -69,34 +71,34 @@ def rss(pid: int | None) -> int:
 
 def provision(ctx: Context, mode: str, n: int, image: str, memory: int, timeout: float) -> Run:
     """Create and boot n guests one way, measure, and remove them again (also on failure)."""
-    base = images.resolve(ctx, image).disk
+    base = catalog.resolve(ctx, image).disk
     names = [f"bench-{os.getpid()}-{mode}-{n}-{i}" for i in range(n)]
-    created: list[partitions.Guest] = []
+    created: list[guests.Guest] = []
     try:
         t0 = time.monotonic()
         for name in names:
-            g = partitions.create(ctx, name, image, memory_mib=memory, start=False)
+            g = guests.create(ctx, name, image, memory_mib=memory, start=False)
             created.append(g)
             if mode == "copy":
                 overlay = g.overlay(ctx)
                 overlay.unlink()
-                storage.convert(base, overlay)
-            partitions.start(ctx, g)
+                qemu_img.convert(base, overlay)
+            guests.start(ctx, g)
 
-        def ready(g: partitions.Guest) -> int:
-            partitions.wait_ready(ctx, g, timeout=max(5.0, timeout - (time.monotonic() - t0)))
-            return storage.allocated_bytes(g.overlay(ctx))
+        def ready(g: guests.Guest) -> int:
+            guests.wait_ready(ctx, g, timeout=max(5.0, timeout - (time.monotonic() - t0)))
+            return qemu_img.allocated_bytes(g.overlay(ctx))
 
         with ThreadPoolExecutor(max_workers=n) as pool:
             at_ready = list(pool.map(ready, created))  # raises the first guest's failure, if any
         ready_s = time.monotonic() - t0
-        disk_end = statistics.mean(storage.allocated_bytes(g.overlay(ctx)) for g in created)
+        disk_end = statistics.mean(qemu_img.allocated_bytes(g.overlay(ctx)) for g in created)
         mem = statistics.mean(rss(ctx.hv.qemu_pid(g.name)) for g in created)
-        return Run(mode, n, ready_s, statistics.mean(at_ready), disk_end, mem, storage.allocated_bytes(base))
+        return Run(mode, n, ready_s, statistics.mean(at_ready), disk_end, mem, qemu_img.allocated_bytes(base))
     finally:
         for name in names:
             with suppress(OsimgError):
-                partitions.remove(ctx, name)
+                guests.remove(ctx, name)
 
 
 def main() -> int:
@@ -113,10 +115,10 @@ def main() -> int:
     ctx = Context.from_env(home=str(home))
     runs: list[Run] = []
     try:
-        base = images.resolve(ctx, a.image).disk
-        info = storage.info(base)
+        base = catalog.resolve(ctx, a.image).disk
+        info = qemu_img.info(base)
         print(f"base {a.image}: {base} ({info.virtual_size / MIB:.0f} MiB virtual, "
-              f"{storage.allocated_bytes(base) / MIB:.1f} MiB on disk); accelerator {ctx.accel.label}; "
+              f"{qemu_img.allocated_bytes(base) / MIB:.1f} MiB on disk); accelerator {ctx.accel.label}; "
               f"{a.memory} MiB per guest", flush=True)
         print(f"{'mode':<8} {'N':>2} {'all SSH-ready s':>15} {'disk/guest MiB':>14} {'at end MiB':>10} "
               f"{'+base share MiB':>15} {'RSS/guest MiB':>13}", flush=True)

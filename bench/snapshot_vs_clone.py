@@ -1,17 +1,17 @@
-"""Benchmark (issue 3): ``images.snapshot`` versus ``images.clone`` on bases of 1, 4 and 16 GiB.
+"""Benchmark (issue 3): ``catalog.snapshot`` versus ``catalog.clone`` on bases of 1, 4 and 16 GiB.
 
 Each base is a qcow2 of that virtual size with 1 GiB of real data (qemu-io writes 0xa5), imported
-into a throw-away repository with ``images.import_disk`` (no guest boots: the bench measures the
+into a throw-away repository with ``catalog.import_disk`` (no guest boots: the bench measures the
 repository, not a build). Then, per base, the same run snapshots it a few times and clones it once,
 and prints the seconds and the bytes allocated on disk by the new image's files.
 
 A clone is more than ``qemu-img convert``: it first verifies the source (sha256 of every file) and
-then hashes the copy for the catalog. ``storage.run`` and ``storage.sha256`` are wrapped with timers
+then hashes the copy for the catalog. ``qemu_img.run`` and ``qemu_img.sha256`` are wrapped with timers
 during each operation, so both times are broken down into those parts, not one opaque number.
 
 Every timed operation starts after ``sync``: otherwise the writeback of the previous step's
 gigabyte lands in the next measurement (the catalog's SQLite commit waits for it). The clone's own
-writeback is timed separately (a ``sync`` right after it): images.clone returns before all of its
+writeback is timed separately (a ``sync`` right after it): catalog.clone returns before all of its
 copy is on disk. ``sync`` is host-wide, so other work on the host can inflate that number.
 
 Run: ``.venv/bin/python bench/snapshot_vs_clone.py`` (as root, libvirt not needed; ~1-2 minutes).
@@ -33,8 +33,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from orchestrator import images, storage
 from orchestrator.context import Context
+from orchestrator.host import qemu_img
+from orchestrator.images import catalog
 from orchestrator.settings import SOURCE_ROOT
 
 GiB = 1 << 30
@@ -55,7 +56,7 @@ def prepare_base(path: Path, size_gib: int) -> None:
 
 
 def allocated(d: Path) -> dict[str, int]:
-    return {f.name: storage.allocated_bytes(f) for f in sorted(d.iterdir()) if f.is_file()}
+    return {f.name: qemu_img.allocated_bytes(f) for f in sorted(d.iterdir()) if f.is_file()}
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Measured:
 @contextmanager
 def timed_storage(parts: dict[str, float]) -> Iterator[None]:
     """Accumulate, while the block runs, the time spent in each qemu-img subcommand and in hashing."""
-    orig_run, orig_sha = storage.run, storage.sha256
+    orig_run, orig_sha = qemu_img.run, qemu_img.sha256
 
     def timed_run(args: list[str], *a: Any, **kw: Any) -> str:
         t0 = time.perf_counter()
@@ -93,14 +94,14 @@ def timed_storage(parts: dict[str, float]) -> Iterator[None]:
         finally:
             parts[label] += time.perf_counter() - t0
 
-    storage.run, storage.sha256 = timed_run, timed_sha
+    qemu_img.run, qemu_img.sha256 = timed_run, timed_sha
     try:
         yield
     finally:
-        storage.run, storage.sha256 = orig_run, orig_sha
+        qemu_img.run, qemu_img.sha256 = orig_run, orig_sha
 
 
-def measure(ctx: Context, op: Callable[[], images.Image]) -> Measured:
+def measure(ctx: Context, op: Callable[[], catalog.Image]) -> Measured:
     """Time one repository operation, starting with no writeback pending from earlier steps."""
     os.sync()
     parts: dict[str, float] = defaultdict(float)
@@ -108,7 +109,7 @@ def measure(ctx: Context, op: Callable[[], images.Image]) -> Measured:
         t0 = time.perf_counter()
         img = op()
         seconds = time.perf_counter() - t0
-    return Measured(seconds, dict(parts), allocated(images.image_dir(ctx, img.name)))
+    return Measured(seconds, dict(parts), allocated(catalog.image_dir(ctx, img.name)))
 
 
 def mib(n: float) -> str:
@@ -127,23 +128,24 @@ def main() -> int:
         prep.mkdir()
         print(f"repository: {home} (removed at the end)")
         print(f"bases: {', '.join(f'{s} GiB' for s in BASE_SIZES_GIB)} virtual, {DATA}iB of 0xa5 data each, "
-              f"imported with images.import_disk (boot files from {LIKE})\n")
+              f"imported with catalog.import_disk (boot files from {LIKE})\n")
         for size in BASE_SIZES_GIB:
             base = f"base-{size}g"
             t0 = time.perf_counter()
             prepare_base(prep / f"{base}.qcow2", size)
             t_write = time.perf_counter() - t0
             t0 = time.perf_counter()
-            images.import_disk(ctx, base, prep / f"{base}.qcow2", like=LIKE)
+            catalog.import_disk(ctx, base, prep / f"{base}.qcow2", like=LIKE)
             t_import = time.perf_counter() - t0
             (prep / f"{base}.qcow2").unlink()
-            info = storage.info(images.image_dir(ctx, base) / images.DISK)
+            info = qemu_img.info(catalog.image_dir(ctx, base) / catalog.DISK)
             print(f"{base}: written in {t_write:.2f}s (qemu-io), imported in {t_import:.2f}s; "
                   f"virtual {info.virtual_size / GiB:.0f} GiB, disk allocated {mib(info.actual_size)}")
 
-            snaps = [measure(ctx, partial(images.snapshot, ctx, base, f"{base}-snap{i}")) for i in range(SNAPSHOT_RUNS)]
+            snaps = [measure(ctx, partial(catalog.snapshot, ctx, base, f"{base}-snap{i}"))
+                     for i in range(SNAPSHOT_RUNS)]
             snap = sorted(snaps, key=lambda m: m.seconds)[SNAPSHOT_RUNS // 2]
-            clone = measure(ctx, partial(images.clone, ctx, base, f"{base}-clone"))
+            clone = measure(ctx, partial(catalog.clone, ctx, base, f"{base}-clone"))
             t0 = time.perf_counter()
             os.sync()
             rows.append((size, snap, [m.seconds for m in snaps], clone, time.perf_counter() - t0))
@@ -157,7 +159,7 @@ def main() -> int:
                 runs = f"  (all runs: {', '.join(f'{x:.3f}' for x in samples)})" if op == "snapshot" else ""
                 print(f"{size:>4}G  {op:<9} {m.seconds:>8.3f}  {m.bytes:>14,}  {files}{runs}")
 
-        print("\nwhere the time went, seconds (images.clone verifies the source and hashes the copy;"
+        print("\nwhere the time went, seconds (catalog.clone verifies the source and hashes the copy;"
               " 'other' is Python, file copies and the catalog's SQLite commit)")
         labels = (SHA_SOURCE, "qemu-img convert", SHA_COPY, "qemu-img create", "qemu-img info", "qemu-img check",
                   OTHER)

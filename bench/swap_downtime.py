@@ -22,8 +22,9 @@ import threading
 import time
 import uuid
 
-from orchestrator import images, partitions, swap
+from orchestrator import guests, swap
 from orchestrator.context import Context
+from orchestrator.images import lifecycle
 from orchestrator.settings import SOURCE_ROOT
 
 PROBE_EVERY = 0.05
@@ -42,7 +43,7 @@ class Probe:
         while not self._stop.is_set():
             t = time.monotonic()
             # one request at a time, never abandoned: abandoned requests would pile up in a slow guest
-            if swap.app_counter(self.port, timeout=3.0) is not None:
+            if guests.app_counter(self.port, timeout=3.0) is not None:
                 self.ok.append(time.monotonic())
             self._stop.wait(max(0.0, PROBE_EVERY - (time.monotonic() - t)))
 
@@ -63,7 +64,7 @@ class Probe:
 
 def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> float:
     """Downtime seen by the probe; NaN when the swap failed (and was rolled back)."""
-    g = partitions.load(ctx, guest)
+    g = guests.load(ctx, guest)
     with Probe(g.app_port) as p:
         time.sleep(0.5)
         start = time.monotonic()
@@ -79,31 +80,31 @@ def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> float:
 
 def provision(ctx: Context, names: list[str], image: str) -> None:
     for n in names:
-        partitions.create(ctx, n, image, data_size=64 << 20)
+        guests.create(ctx, n, image, data_size=64 << 20)
     for n in names:
-        g = partitions.load(ctx, n)
-        partitions.wait_ready(ctx, g, timeout=240)
-        if swap.wait_app(g.app_port, 60) is None:
+        g = guests.load(ctx, n)
+        guests.wait_ready(ctx, g, timeout=240)
+        if guests.wait_app(g.app_port, 60) is None:
             raise SystemExit(f"{n}: application did not start")
 
 
 def family_run(ctx: Context, fam: str, n: int, tag: str) -> dict[str, list[float]]:
     v1, v2 = f"{tag}-{fam}-v1", f"{tag}-{fam}-v2"
     print(f"[{fam}] building golden images {v1}, {v2}", flush=True)
-    images.build(ctx, v1, f"{fam}:v1", boot_timeout=300)
-    images.build(ctx, v2, f"{fam}:v2", boot_timeout=300)
+    lifecycle.build(ctx, v1, f"{fam}:v1", boot_timeout=300)
+    lifecycle.build(ctx, v2, f"{fam}:v2", boot_timeout=300)
     names = [f"{tag}-{fam[0]}{i}" for i in range(n)]
     print(f"[{fam}] provisioning {n} guests on {v1}", flush=True)
     provision(ctx, names, v1)
     out: dict[str, list[float]] = {"warm": [], "cold": []}
     for name in names:
         out["warm"].append(measured_swap(ctx, name, v2, "warm"))
-        if partitions.load(ctx, name).image != v1:
+        if guests.load(ctx, name).image != v1:
             swap.rollout(ctx, swap.plan(ctx, [name], v1, "cold"))
         out["cold"].append(measured_swap(ctx, name, v2, "cold"))
         print(f"[{fam}] {name}: warm {out['warm'][-1]:.2f}s  cold {out['cold'][-1]:.2f}s", flush=True)
     for name in names:
-        partitions.remove(ctx, name)
+        guests.remove(ctx, name)
     return out
 
 
@@ -120,7 +121,7 @@ def rollout_run(ctx: Context, tag: str) -> dict[int, float]:
             raise SystemExit(f"rollout batch {batch} failed: {[r.error for r in res if not r.ok]}")
         print(f"[rollout] 4 guests, batch {batch}: {out[batch]:.1f}s", flush=True)
     for name in names:
-        partitions.remove(ctx, name)
+        guests.remove(ctx, name)
     return out
 
 

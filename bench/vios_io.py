@@ -26,11 +26,13 @@ import sys
 import time
 import uuid
 
-from orchestrator import partitions, storage
+from orchestrator.remote import Session
+
+from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.errors import OsimgError
-from orchestrator.hypervisor import DiskSpec
-from orchestrator.remote import Session
+from orchestrator.host import qemu_img
+from orchestrator.host.domain import DiskSpec
 from orchestrator.settings import SOURCE_ROOT
 from orchestrator.vios import attach, lus, node
 
@@ -69,19 +71,19 @@ def main() -> int:
             for _ in range(SIZE_MIB):
                 f.write(os.urandom(1 << 20))
         lu_file = home / "lu.qcow2"
-        storage.convert(raw, lu_file)
+        qemu_img.convert(raw, lu_file)
         raw.unlink()
         lu_file.chmod(0o644)
         # one file, two LU records: an attachment is per (guest, LU), and the bench attaches it twice
         lus.define_lu(ctx, "bench-h", lu_file, "paging")
         lus.define_lu(ctx, "bench-g", lu_file, "paging")
         t0 = time.monotonic()
-        g = partitions.create(ctx, client, "tiny:v1")
+        g = guests.create(ctx, client, "tiny:v1")
         node.start(ctx, host, ttl=10)
         started.append(host)
         node.start(ctx, vg, as_guest=True, ttl=10, slots=1, timeout=300)
         started.append(vg)
-        partitions.wait_ready(ctx, g, timeout=300)
+        guests.wait_ready(ctx, g, timeout=300)
         lus.export_lu(ctx, "bench-h", host)
         lus.export_lu(ctx, "bench-g", vg, wait=120)
         print(f"set-up (client, host VIOS, VIOS guest) {time.monotonic() - t0:.1f}s; LU {SIZE_MIB} MiB random data")
@@ -93,7 +95,7 @@ def main() -> int:
         ways = {"local qcow2 file": local_unit, "host-service VIOS (qsd, unix socket)": ah.unit,
                 "VIOS guest (qemu-nbd, 127.0.0.1 fwd)": ag.unit}
         best: dict[str, float] = {}
-        with partitions.session(ctx, g) as s:
+        with guests.session(ctx, g) as s:
             for unit in ways.values():
                 wait_unit(s, unit)
             # one pass each to calibrate, then enough passes that a run lasts about 2 s
@@ -119,7 +121,7 @@ def main() -> int:
         with contextlib.suppress(OsimgError):
             attach.detach_all(ctx, client)
         with contextlib.suppress(OsimgError):
-            partitions.remove(ctx, client)
+            guests.remove(ctx, client)
         for n in started:
             with contextlib.suppress(OsimgError):
                 node.stop(ctx, n)

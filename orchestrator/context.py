@@ -1,12 +1,13 @@
-"""The handle every API call takes: settings plus a lazily opened hypervisor connection."""
+"""The handle every API call takes: settings, a lazily opened libvirt connection, cluster store and accelerator."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .cluster.store import ClusterStore, open_store
-from .doctor import AccelChoice, choose_accel
-from .hypervisor import Hypervisor
+from .accel import AccelChoice, choose_accel
+from .cluster.open import open_store
+from .cluster.store import ClusterStore
+from .host.libvirt import Hypervisor
 from .settings import Settings
 
 

@@ -25,6 +25,7 @@ USER_RE_ALLOWED = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
 KEY_TYPES = ("ssh-ed25519 ", "ssh-rsa ", "ecdsa-sha2-", "sk-ssh-ed25519@openssh.com ", "sk-ecdsa-sha2-")
 DEFAULT_USER_NET = "10.0.2.0/24"
+DATA_MOUNT = "/data"
 
 
 @dataclass
@@ -124,6 +125,15 @@ class Customization:
             if not isinstance(script, str) or not script.strip():
                 raise ValidationError(f"{where}.init_scripts: {script!r} is not a command")
         return self
+
+    def with_data(self, data_uuid: str | None, path: str = DATA_MOUNT) -> Customization:
+        """A copy that also mounts the guest's data volume (by UUID) at ``path``, unless a mount of
+        that device or at that path is already there. The one place that adds the data mount: the
+        config drive, a fleet guest and the live form of a warm swap all go through it."""
+        out = Customization.from_dict(self.to_dict())
+        if data_uuid and not any(m.path == path or m.device == f"UUID={data_uuid}" for m in out.mounts):
+            out.mounts.append(Mount(device=f"UUID={data_uuid}", path=path))
+        return out
 
     def user_mode_net(self) -> str:
         """QEMU user-mode (slirp) network options for a guest with this customization.
@@ -249,3 +259,76 @@ def write_config_drive(path: Path, files: dict[str, str]) -> None:
     iso.write(str(tmp))
     iso.close()
     tmp.rename(path)
+
+
+# -- the live form (warm swap) ---------------------------------------------------------------------------------------
+def live_script(c: Customization, guest: str, data_uuid: str | None) -> str:
+    """The guest's NoCloud customization as a POSIX shell script for a *running* OS.
+
+    A warm swap pages in a golden state that booted without this guest's config drive, so the same
+    settings are applied live: hostname, address, accounts, mounts, modules, init scripts, the app.
+    Written for both busybox and Debian userlands (``ip``, ``findfs`` and plain file edits).
+    """
+    q = sh_quote
+    lines = ["set -u", f"H={q(c.hostname or guest)}", 'echo "$H" >/etc/hostname; hostname "$H"']
+    if c.address:
+        lines += [
+            "ip addr flush dev eth0",
+            f"ip addr add {q(c.address)} dev eth0",
+            "ip link set eth0 up",
+        ]
+        if c.gateway:
+            lines.append(f"ip route replace default via {q(c.gateway)} dev eth0")
+    lines.append(
+        'addgroup_() { grep -q "^$1:" /etc/group || echo "$1:x:${2:-$(awk -F: \'$3>=1000 && $3<60000 '
+        '{m=$3} END {print (m ? m+1 : 1000)}\' /etc/group)}:" >>/etc/group; }'
+    )
+    lines.append(
+        'member_() { awk -F: -v g="$1" -v u="$2" \'BEGIN{OFS=":"} $1==g { n=split($4,a,","); f=0; '
+        'for(i=1;i<=n;i++) if(a[i]==u) f=1; if(!f) $4=($4=="" ? u : $4","u) } {print}\' /etc/group '
+        '>/etc/group.new && cat /etc/group.new >/etc/group && rm -f /etc/group.new; }'
+    )
+    for g in c.groups:
+        lines.append(f"addgroup_ {q(g)}")
+    for u in c.users:
+        uid = str(u.uid) if u.uid is not None else ""
+        lines += [
+            f"U={q(u.name)}; UID_={q(uid)}",
+            'if ! grep -q "^$U:" /etc/passwd; then',
+            '  [ -n "$UID_" ] || UID_=$(awk -F: \'$3>=1000 && $3<60000 {m=$3} END {print (m ? m+1 : 1000)}\' '
+            "/etc/passwd)",
+            '  addgroup_ "$U" "$UID_"; GID_=$(awk -F: -v g="$U" \'$1==g{print $3}\' /etc/group)',
+            f'  mkdir -p "/home/$U"; echo "$U:*:$UID_:$GID_:$U:/home/$U:"{q(u.shell)} >>/etc/passwd',
+            '  chown "$UID_:$GID_" "/home/$U"',
+            "fi",
+        ]
+        for g in u.groups:
+            lines.append(f'addgroup_ {q(g)}; member_ {q(g)} "$U"')
+        if u.ssh_authorized_keys:
+            keys = "\n".join(u.ssh_authorized_keys)
+            lines += [
+                'HOME_=$(awk -F: -v u="$U" \'$1==u{print $6}\' /etc/passwd)',
+                'mkdir -p "$HOME_/.ssh"',
+                f'printf "%s\\n" {q(keys)} >"$HOME_/.ssh/authorized_keys"',
+                'chmod 700 "$HOME_/.ssh"; chmod 600 "$HOME_/.ssh/authorized_keys"; chown -R "$U" "$HOME_/.ssh"',
+            ]
+    for m in c.kernel_modules:
+        lines.append(f"modprobe {q(m)} || true")
+    for mnt in c.with_data(data_uuid).mounts:
+        lines += [
+            f"D={q(mnt.device)}; MP={q(mnt.path)}",
+            # the device node of a hot-plugged disk can take a moment to appear
+            'n=0; while :; do case $D in UUID=*|LABEL=*) DEV=$(findfs "$D" 2>/dev/null);; *) DEV=$D;; esac',
+            '  [ -n "$DEV" ] && [ -b "$DEV" ] && break; n=$((n+1)); [ $n -gt 100 ] && break; sleep 0.05; done',
+            'mkdir -p "$MP"',
+            f'grep -q " $MP " /proc/mounts || mount -t {q(mnt.fstype)} -o {q(mnt.options)} "$DEV" "$MP"',
+        ]
+    for script in c.init_scripts:
+        lines.append(f"sh -c {q(script)} || echo \"init script failed: $?\" >&2")
+    # the application keeps its state on the data volume: no /data, no application
+    lines.append('if grep -q " /data " /proc/mounts; then /usr/sbin/osimg-app start; fi')
+    return "\n".join(lines) + "\n"
+
+
+def sh_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"

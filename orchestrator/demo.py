@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import fleet, images, partitions, storage, swap
+from . import guests, swap
 from .context import Context
 from .errors import OsimgError, SwapError
+from .fleet import reconcile
+from .fleet import spec as fleet_spec
+from .host import qemu_img
+from .images import catalog, lifecycle
+from .process import Progress
 from .settings import SOURCE_ROOT
 
 SPEC = SOURCE_ROOT / "examples" / "demo.yaml"
 V1, V2 = "demo-v1", "demo-v2"
 REQUESTS = 3  # application requests per guest before the swap, so every counter is above zero
-
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -56,26 +58,26 @@ class DemoReport:
         return bool(self.guests) and all(g.ok for g in self.guests) and not self.leftovers
 
 
-def _cleanup(ctx: Context, spec: fleet.FleetSpec) -> None:
+def _cleanup(ctx: Context, spec: fleet_spec.FleetSpec) -> None:
     """Remove what a previous demo left (its fleet and its two images), nothing else."""
-    fleet.down(ctx, spec)
+    reconcile.down(ctx, spec)
     for name in (V2, V1):
         with contextlib.suppress(OsimgError):
-            images.remove(ctx, name)
+            lifecycle.remove(ctx, name)
 
 
 def _build_golden(ctx: Context, name: str, recipe: str, progress: Progress) -> None:
     version = recipe.partition(":")[2]
-    steps = images.BuildSteps(files=[{"path": "/etc/motd", "content": f"osimg demo golden image {version}\n",
+    steps = lifecycle.BuildSteps(files=[{"path": "/etc/motd", "content": f"osimg demo golden image {version}\n",
                                       "mode": "0644"}])
-    images.build(ctx, name, recipe, steps, progress=lambda m: progress(f"{name}: {m}"))
+    lifecycle.build(ctx, name, recipe, steps, progress=lambda m: progress(f"{name}: {m}"))
 
 
-def leftovers(ctx: Context, spec: fleet.FleetSpec) -> list[str]:
+def leftovers(ctx: Context, spec: fleet_spec.FleetSpec) -> list[str]:
     out = [f"domain {g.name}" for g in spec.guests if ctx.hv.exists(g.name)]
     out += [f"guest folder {g.name}" for g in spec.guests if (ctx.settings.guests_dir / g.name).exists()]
-    out += [f"image {n}" for n in (V1, V2) if ctx.store.get(images.KIND, n) is not None
-            or images.image_dir(ctx, n).exists()]
+    out += [f"image {n}" for n in (V1, V2) if ctx.store.get(catalog.KIND, n) is not None
+            or catalog.image_dir(ctx, n).exists()]
     out += [f"hidden builder {d.name}" for d in ctx.hv.list_domains()
             if d.metadata.get("home") == str(ctx.settings.home) and d.name.startswith((f"build-{V1}", f"build-{V2}"))]
     return out
@@ -90,7 +92,7 @@ def run(ctx: Context, keep: bool = False, progress: Progress = lambda _m: None, 
 
     t0 = time.monotonic()
     progress("validating the fleet spec")
-    spec = fleet.load(spec_path)
+    spec = fleet_spec.load(spec_path)
     _cleanup(ctx, spec)
     phase("validate", t0)
     try:
@@ -101,18 +103,18 @@ def run(ctx: Context, keep: bool = False, progress: Progress = lambda _m: None, 
 
         t0 = time.monotonic()
         progress("provisioning 3 guests as overlays on the shared base")
-        fleet.check_images(ctx, spec)
-        fleet.up(ctx, spec, progress=progress)
+        fleet_spec.check_images(ctx, spec)
+        reconcile.up(ctx, spec, progress=progress)
         phase("provision", t0)
 
         t0 = time.monotonic()
         progress("starting the application on each guest")
         for gs in spec.guests:
-            g = partitions.load(ctx, gs.name)
-            if swap.wait_app(g.app_port, 30) is None:
+            g = guests.load(ctx, gs.name)
+            if guests.wait_app(g.app_port, 30) is None:
                 raise SwapError(f"{g.name}: the demo application did not start")
             for _ in range(REQUESTS):
-                swap.app_counter(g.app_port)
+                guests.app_counter(g.app_port)
         phase("application", t0)
 
         t0 = time.monotonic()
@@ -127,14 +129,14 @@ def run(ctx: Context, keep: bool = False, progress: Progress = lambda _m: None, 
         phase("rolling swap", t0)
 
         for r, gs in zip(results, spec.guests, strict=True):
-            g = partitions.load(ctx, r.guest)
+            g = guests.load(ctx, r.guest)
             rep.guests.append(GuestReport(
                 guest=r.guest, hostname=gs.custom.hostname, old_version=r.old_version, new_version=r.new_version,
                 downtime=r.downtime, counter_before=r.counter_before, counter_after=r.counter_after,
-                overlay_bytes=storage.allocated_bytes(g.overlay(ctx)), ok=r.ok, error=r.error))
+                overlay_bytes=qemu_img.allocated_bytes(g.overlay(ctx)), ok=r.ok, error=r.error))
         rep.lineage = [{"name": i.name, "kind": i.kind, "source": i.source, "parent": i.parent,
                         "os_version": i.os_version, "memory_state": i.has_memory_state}
-                       for i in images.list_images(ctx) if i.name in (V1, V2)]
+                       for i in catalog.list_images(ctx) if i.name in (V1, V2)]
     finally:
         if not keep:
             t0 = time.monotonic()

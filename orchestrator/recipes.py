@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import remote
 from .errors import NotFoundError, StorageError, ValidationError
+from .host import ssh
 from .settings import RECIPES_DIR, Settings
 from .validate import name as valid_name
 
@@ -48,9 +48,8 @@ class Build:
 
 
 def client_key(settings: Settings) -> Path:
-    path = settings.cache / "keys" / "id_ed25519"
-    remote.ensure_client_key(path)
-    return path
+    ssh.ensure_client_key(settings.client_key)
+    return settings.client_key
 
 
 def kernel_release() -> str:

@@ -17,7 +17,7 @@ from .errors import ValidationError
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = SOURCE_ROOT / "images"
-
+QEMU_USER = "libvirt-qemu"  # Debian's user for libvirt's QEMU processes
 
 @dataclass(frozen=True)
 class Settings:
@@ -48,6 +48,11 @@ class Settings:
     @property
     def images_dir(self) -> Path:
         return self.home / "images"
+
+    @property
+    def client_key(self) -> Path:
+        """The private key osimg logs into guests with (created by ``recipes.client_key``)."""
+        return self.cache / "keys" / "id_ed25519"
 
     def ensure_dirs(self) -> None:
         """Create the state folders world-traversable: QEMU runs as another user and must reach them."""

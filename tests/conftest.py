@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import partitions
+from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.settings import SOURCE_ROOT
 
@@ -73,11 +73,11 @@ def osimg_json(*args: str) -> object:
 
 
 @pytest.fixture(scope="session")
-def v1_guest(ctx: Context) -> Iterator[partitions.Guest]:
+def v1_guest(ctx: Context) -> Iterator[guests.Guest]:
     """One tiny v1 guest with a data volume, booted once for every test that only reads from it."""
     t0 = time.monotonic()
-    g = partitions.create(ctx, gname("v1"), "tiny:v1", data_size=64 << 20)
-    ready = partitions.wait_ready(ctx, g)
+    g = guests.create(ctx, gname("v1"), "tiny:v1", data_size=64 << 20)
+    ready = guests.wait_ready(ctx, g)
     print(f"\n[measure] tiny v1 guest SSH-ready in {ready:.1f}s ({time.monotonic() - t0:.1f}s with create)")
     yield g
-    partitions.remove(ctx, g.name)
+    guests.remove(ctx, g.name)

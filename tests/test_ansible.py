@@ -24,9 +24,12 @@ from typing import Any
 
 import pytest
 
-from orchestrator import fleet, images, partitions
+from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.errors import OsimgError
+from orchestrator.fleet import reconcile
+from orchestrator.fleet import spec as fleetspec
+from orchestrator.images import catalog, lifecycle
 from orchestrator.settings import SOURCE_ROOT
 
 from .conftest import HOME, RUN_ID, gname
@@ -108,8 +111,8 @@ def rolling_swap(*args: str) -> Run:
 
 def _inside(ctx: Context, name: str) -> tuple[str, str]:
     """(OS version, data marker) read over SSH with the pinned host key."""
-    g = partitions.load(ctx, name)
-    with partitions.session(ctx, g) as s:
+    g = guests.load(ctx, name)
+    with guests.session(ctx, g) as s:
         return (s.run(["cat", "/etc/osimg-version"], check=True).out.strip(),
                 s.run(["cat", "/data/marker"], check=True).out.strip())
 
@@ -117,9 +120,9 @@ def _inside(ctx: Context, name: str) -> tuple[str, str]:
 def _state(ctx: Context) -> dict[str, object]:
     """What check mode must leave alone: guest records, domains, overlays and the catalog."""
     out: dict[str, object] = {"images": sorted((i.name, tuple(sorted(i.files.items())))
-                                               for i in images.list_images(ctx))}
+                                               for i in catalog.list_images(ctx))}
     for name in GUESTS:
-        g = partitions.load(ctx, name)
+        g = guests.load(ctx, name)
         out[name] = (g.image, g.overlay_file, ctx.hv.info(name).uuid, ctx.hv.state(name))
     return out
 
@@ -141,13 +144,13 @@ guests:
     yield SPEC
     # the API directly: the cleanup must work even when the collection does not
     with contextlib.suppress(OsimgError):
-        fleet.down(ctx, fleet.load(SPEC))
+        reconcile.down(ctx, fleetspec.load(SPEC))
     for name in GUESTS:
         with contextlib.suppress(OsimgError):
-            partitions.remove(ctx, name)
+            guests.remove(ctx, name)
     for img in (V2, V1):
         with contextlib.suppress(OsimgError):
-            images.remove(ctx, img)
+            lifecycle.remove(ctx, img)
 
 
 def test_rolling_swap_playbook(ctx: Context, fleet_spec: Path) -> None:
@@ -158,7 +161,7 @@ def test_rolling_swap_playbook(ctx: Context, fleet_spec: Path) -> None:
                            "Golden image v2, captured with its memory state": "changed",
                            "Fleet up on v1": "skipping", "Roll the fleet to v2": "skipping",
                            "Report the rollout": "skipping"}, fresh.explain()
-    assert not {V1, V2} & {i.name for i in images.list_images(ctx)}
+    assert not {V1, V2} & {i.name for i in catalog.list_images(ctx)}
     assert not any((HOME / "guests" / n).exists() for n in GUESTS), "check mode created a guest"
 
     first = rolling_swap("--skip-tags", "swap")
@@ -168,9 +171,9 @@ def test_rolling_swap_playbook(ctx: Context, fleet_spec: Path) -> None:
                            "Fleet up on v1": "changed"}, first.explain()
     markers = {}
     for name in GUESTS:
-        g = partitions.load(ctx, name)
+        g = guests.load(ctx, name)
         assert g.image == V1 and ctx.hv.state(name) == "running"
-        with partitions.session(ctx, g) as s:
+        with guests.session(ctx, g) as s:
             markers[name] = s.run(["sh", "-c", "echo precious-$RANDOM-$$ >/data/marker && sync && cat /data/marker"],
                                   check=True).out.strip()
     before = _state(ctx)
@@ -188,7 +191,7 @@ def test_rolling_swap_playbook(ctx: Context, fleet_spec: Path) -> None:
     assert swap.tasks["Fleet up on v1"] == "ok"
     assert swap.tasks["Golden image v2, captured with its memory state"] == "ok"
     for name in GUESTS:
-        g = partitions.load(ctx, name)
+        g = guests.load(ctx, name)
         assert g.image == V2 and g.os_version == "v2" and ctx.hv.state(name) == "running"
         assert _inside(ctx, name) == ("v2", markers[name]), f"{name}: OS or data wrong after the swap"
 
@@ -223,8 +226,8 @@ def test_image_and_guest_modules(ctx: Context) -> None:
         assert run.rc == 0 and run.failed == 0, run.explain()
     finally:
         with contextlib.suppress(OsimgError):
-            partitions.remove(ctx, guest)
+            guests.remove(ctx, guest)
         for img in (f"{prefix}-snap", f"{prefix}-clone", f"{prefix}-base"):
             with contextlib.suppress(OsimgError):
-                images.remove(ctx, img)
-    assert not any(i.name.startswith(prefix) for i in images.list_images(ctx))
+                lifecycle.remove(ctx, img)
+    assert not any(i.name.startswith(prefix) for i in catalog.list_images(ctx))

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from orchestrator import fleet
 from orchestrator.context import Context
 from orchestrator.demo import SPEC, leftovers
+from orchestrator.fleet import spec as fleetspec
 
 from .conftest import osimg
 
@@ -27,5 +27,5 @@ def test_demo_json_rolls_every_guest_to_v2_and_cleans_up(ctx: Context) -> None:
         assert g["overlay_bytes"] < 64 << 20
     assert [i["name"] for i in rep["lineage"]] == ["demo-v1", "demo-v2"]
     assert rep["leftovers"] == []
-    assert leftovers(ctx, fleet.load(SPEC)) == []
+    assert leftovers(ctx, fleetspec.load(SPEC)) == []
     assert rep["phases"]["total"] < 600

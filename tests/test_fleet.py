@@ -19,9 +19,13 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator import fleet, images, partitions, recipes, remote, storage
+from orchestrator import guests, recipes
 from orchestrator.context import Context
 from orchestrator.errors import ConflictError, OsimgError, ValidationError
+from orchestrator.fleet import reconcile
+from orchestrator.fleet import spec as fleetspec
+from orchestrator.host import qemu_img, ssh
+from orchestrator.images import catalog, lifecycle
 from orchestrator.settings import RECIPES_DIR, SOURCE_ROOT
 
 from .conftest import HOME, gname, osimg
@@ -58,23 +62,23 @@ def mutate(change: Any) -> dict[str, Any]:
 
 
 def test_good_spec_loads(tmp_path: Path) -> None:
-    spec = fleet.load(write_spec(tmp_path, GOOD))
+    spec = fleetspec.load(write_spec(tmp_path, GOOD))
     assert spec.name == "t" and spec.uri is None
     a, b = spec.guests
     assert (a.image, a.memory_mib, a.vcpus, a.network) == ("tiny:v1", 256, 1, "lan")
     assert a.custom.address == "10.0.2.21/24" and a.custom.gateway == "10.0.2.2"
     assert a.custom.hostname == "a"
-    assert a.data == fleet.DataSpec(64 * MIB, "/data")
+    assert a.data == fleetspec.DataSpec(64 * MIB, "/data")
     assert a.custom.users[0].ssh_authorized_keys == [KEY]
     assert b.custom.address == "10.0.2.22/24" and b.custom.gateway == "10.0.2.2" and b.data is None
 
 
 def test_examples_are_valid(ctx: Context) -> None:
-    demo = fleet.load(EXAMPLES / "fleet.yaml", ctx)
+    demo = fleetspec.load(EXAMPLES / "fleet.yaml", ctx)
     assert [g.name for g in demo.guests] == ["web1", "web2", "db1"]
-    assert demo.guest("db1").data == fleet.DataSpec(128 * MIB, "/srv/db")
+    assert demo.guest("db1").data == fleetspec.DataSpec(128 * MIB, "/srv/db")
     assert demo.guest("db1").memory_mib == 384
-    prod = fleet.load(EXAMPLES / "fleet-libvirt.yaml")  # its catalog image exists on a real host only
+    prod = fleetspec.load(EXAMPLES / "fleet-libvirt.yaml")  # its catalog image exists on a real host only
     assert prod.networks["prod"].mode == "libvirt" and prod.networks["prod"].libvirt_network == "default"
     assert prod.uri == "qemu+ssh://root@kvm-host-1.example.test/system"
 
@@ -152,7 +156,7 @@ def test_bad_spec_is_refused_naming_file_key_and_expectation(tmp_path: Path, cha
                                                             message: str) -> None:
     path = write_spec(tmp_path, mutate(change))
     with pytest.raises(ValidationError) as exc:
-        fleet.load(path)
+        fleetspec.load(path)
     text = str(exc.value)
     assert text.startswith(f"{path}: "), text
     assert key in text and message in text, text
@@ -163,7 +167,7 @@ def test_netmask_without_ip_and_gateway_without_ip(tmp_path: Path) -> None:
         spec = mutate(_set("guests.1.ip", None))
         spec["guests"][1][k] = "255.255.255.0" if k == "netmask" else "10.0.2.2"
         with pytest.raises(ValidationError, match=rf"guests\[1\]\.{k}: given without guests\[1\]\.ip"):
-            fleet.load(write_spec(tmp_path, spec))
+            fleetspec.load(write_spec(tmp_path, spec))
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -179,20 +183,20 @@ def test_netmask_without_ip_and_gateway_without_ip(tmp_path: Path) -> None:
 def test_malformed_spec_files(tmp_path: Path, text: str, message: str) -> None:
     path = write_spec(tmp_path, text)
     with pytest.raises(ValidationError) as exc:
-        fleet.load(path)
+        fleetspec.load(path)
     assert str(exc.value).startswith(f"{path}: ") and message in str(exc.value), str(exc.value)
 
 
 def test_missing_spec_file(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="cannot read the fleet spec: No such file"):
-        fleet.load(tmp_path / "nope.yaml")
+        fleetspec.load(tmp_path / "nope.yaml")
 
 
 def test_unknown_catalog_image_is_refused_with_context(ctx: Context, tmp_path: Path) -> None:
     path = write_spec(tmp_path, mutate(_set("defaults.image", "ghost-image")))
-    fleet.load(path)  # syntax alone is fine
+    fleetspec.load(path)  # syntax alone is fine
     with pytest.raises(ValidationError, match=r"guests\[0\]\.image: unknown image 'ghost-image'"):
-        fleet.load(path, ctx)
+        fleetspec.load(path, ctx)
 
 
 def test_cli_refuses_bad_spec_in_one_line_and_creates_nothing(tmp_path: Path) -> None:
@@ -212,11 +216,11 @@ def test_cli_validate_good_spec(tmp_path: Path) -> None:
 
 
 def test_drift_lists_changed_fields() -> None:
-    a = fleet.GuestSpec("a", "tiny:v1", "lan", memory_mib=256).config()
-    b = fleet.GuestSpec("a", "tiny:v1", "lan", memory_mib=320).config()
+    a = fleetspec.GuestSpec("a", "tiny:v1", "lan", memory_mib=256).config()
+    b = fleetspec.GuestSpec("a", "tiny:v1", "lan", memory_mib=320).config()
     b["customization"]["hostname"] = "other"
-    assert fleet.drift(a, b) == ["hostname: None -> 'other'", "memory_mib: 256 -> 320"]
-    assert fleet.drift(a, a) == []
+    assert reconcile.drift(a, b) == ["hostname: None -> 'other'", "memory_mib: 256 -> 320"]
+    assert reconcile.drift(a, a) == []
 
 
 def test_resize_rejects_unknown_guest_and_disk(ctx: Context) -> None:
@@ -230,7 +234,7 @@ def test_resize_rejects_unknown_guest_and_disk(ctx: Context) -> None:
 @dataclass
 class Fleet:
     spec_path: Path
-    spec: fleet.FleetSpec
+    spec: fleetspec.FleetSpec
     names: list[str]
     base: str
     base_disk: Path
@@ -263,24 +267,24 @@ def base_image(ctx: Context) -> Iterator[str]:
     """A catalog image (captured from tiny:v1 in a hidden builder) as the fleet's shared base."""
     name = gname("fbase")
     t0 = time.monotonic()
-    images.build(ctx, name, "tiny:v1")
+    lifecycle.build(ctx, name, "tiny:v1")
     print(f"\n[measure] base image {name} built and captured in {time.monotonic() - t0:.1f}s")
     try:
         yield name
     finally:
         with suppress(OsimgError):
-            images.remove(ctx, name)
+            lifecycle.remove(ctx, name)
 
 
 @pytest.fixture(scope="module")
 def fleet3(ctx: Context, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     names = [gname(f"f{i}") for i in range(3)]
     key = HOME / "keys" / "fleet_user"
-    pub = remote.ensure_client_key(key)
+    pub = ssh.ensure_client_key(key)
     spec_path = tmp_path_factory.mktemp("fleet") / "three.yaml"
     spec_path.write_text(yaml.safe_dump(fleet_spec(base_image, names, pub, gname("fleet")), sort_keys=False))
-    disk = images.image_dir(ctx, base_image) / images.DISK
-    f = Fleet(spec_path, fleet.load(spec_path, ctx), names, base_image, disk, storage.sha256(disk), key)
+    disk = catalog.image_dir(ctx, base_image) / catalog.DISK
+    f = Fleet(spec_path, fleetspec.load(spec_path, ctx), names, base_image, disk, qemu_img.sha256(disk), key)
     try:
         t0 = time.monotonic()
         res = osimg("fleet", "up", str(spec_path), "--json")
@@ -294,11 +298,11 @@ def fleet3(ctx: Context, base_image: str, tmp_path_factory: pytest.TempPathFacto
         osimg("fleet", "down", str(spec_path))
         for n in names:
             with suppress(OsimgError):
-                partitions.remove(ctx, n)
+                guests.remove(ctx, n)
 
 
 def sh(ctx: Context, name: str, script: str) -> str:
-    with partitions.session(ctx, partitions.load(ctx, name)) as s:
+    with guests.session(ctx, guests.load(ctx, name)) as s:
         return s.script(script, check=True).out
 
 
@@ -328,8 +332,8 @@ def test_each_guest_has_its_own_customization(ctx: Context, fleet3: Fleet) -> No
         assert f"osimg.fleet_test={i}" in next(ln for ln in lines if ln.startswith("cmdline=")).split(), out
         assert "module=dummy" in lines, out
         # the user logs in with its own key, and nobody else's users exist here
-        g = partitions.load(ctx, name)
-        with remote.Session(g.ssh_port, g.host_key, fleet3.user_key, user=f"user{i}", timeout=30) as s:
+        g = guests.load(ctx, name)
+        with ssh.Session(g.ssh_port, g.host_key, fleet3.user_key, user=f"user{i}", timeout=30) as s:
             ident = s.run(["id"], check=True).out
         assert f"uid={2001 + i}(user{i})" in ident and f"(team{i})" in ident, ident
         others = [f"user{j}" for j in range(3) if j != i]
@@ -339,14 +343,14 @@ def test_each_guest_has_its_own_customization(ctx: Context, fleet3: Fleet) -> No
 @pytest.mark.guest
 def test_overlays_share_the_read_only_base_and_writes_stay_private(ctx: Context, fleet3: Fleet) -> None:
     assert fleet3.base_disk.stat().st_mode & 0o777 == 0o444
-    guests = [partitions.load(ctx, n) for n in fleet3.names]
+    guests = [guests.load(ctx, n) for n in fleet3.names]
     for g in guests:
-        chain = storage.backing_chain(g.overlay(ctx))
+        chain = qemu_img.backing_chain(g.overlay(ctx))
         assert Path(chain[0].path).resolve() == g.overlay(ctx).resolve()
         assert Path(str(chain[0].backing)).resolve() == fleet3.base_disk.resolve(), chain
-        assert storage.allocated_bytes(g.overlay(ctx)) < 16 * MIB
+        assert qemu_img.allocated_bytes(g.overlay(ctx)) < 16 * MIB
         data = g.data_volume(ctx)
-        assert data is not None and storage.info(data).backing is None  # the data volume is its own disk
+        assert data is not None and qemu_img.info(data).backing is None  # the data volume is its own disk
     marker = f"private-{gname('marker')}-{time.time_ns()}"
     sh(ctx, guests[0].name, f"echo {marker} >/root/marker; sync")
     assert sh(ctx, guests[0].name, "cat /root/marker").strip() == marker
@@ -356,15 +360,15 @@ def test_overlays_share_the_read_only_base_and_writes_stay_private(ctx: Context,
     for g in guests[1:]:
         assert marker.encode() not in g.overlay(ctx).read_bytes()
     assert marker.encode() not in fleet3.base_disk.read_bytes()
-    assert storage.sha256(fleet3.base_disk) == fleet3.base_sha
+    assert qemu_img.sha256(fleet3.base_disk) == fleet3.base_sha
 
 
 @pytest.mark.guest
 def test_second_up_changes_nothing_and_says_so(ctx: Context, fleet3: Fleet) -> None:
-    guests = [partitions.load(ctx, n) for n in fleet3.names]
+    guests = [guests.load(ctx, n) for n in fleet3.names]
     before = {g.name: (g.overlay(ctx).stat().st_ino, g.config_drive(ctx).stat().st_mtime_ns, ctx.hv.info(g.name).uuid)
               for g in guests}
-    predicted = fleet.plan_up(ctx, fleet3.spec)
+    predicted = reconcile.plan_up(ctx, fleet3.spec)
     assert not predicted.changed and {a.action for a in predicted.actions} == {"unchanged"}
     res = osimg("fleet", "up", str(fleet3.spec_path), "--json")
     assert res.returncode == 0, res.stderr
@@ -386,7 +390,7 @@ def test_changed_spec_is_refused_and_nothing_changes(ctx: Context, fleet3: Fleet
     data["guests"][2]["kernel_params"] = ["osimg.fleet_test=changed"]
     changed = write_spec(tmp_path, data)
     with pytest.raises(ConflictError, match="differs from the spec"):
-        fleet.plan_up(ctx, fleet.load(changed, ctx))
+        reconcile.plan_up(ctx, fleetspec.load(changed, ctx))
     res = osimg("fleet", "up", str(changed))
     assert res.returncode == ConflictError.exit_code, res.stderr
     assert f"guest {fleet3.names[1]} differs from the spec (memory_mib: 256 -> 320)" in res.stderr
@@ -407,30 +411,30 @@ def test_changed_spec_is_refused_and_nothing_changes(ctx: Context, fleet3: Fleet
 @pytest.mark.guest
 def test_guest_of_another_owner_is_not_taken_over(ctx: Context, base_image: str, tmp_path: Path) -> None:
     name = gname("foreign")
-    partitions.create(ctx, name, base_image, start=False)
+    guests.create(ctx, name, base_image, start=False)
     try:
         data = mutate(_set("defaults.image", base_image))
         data["name"] = gname("other")
         data["guests"] = [{"name": name}]
         path = write_spec(tmp_path, data)
         with pytest.raises(ConflictError, match=f"guest {name} already exists, created by 'osimg guest create'"):
-            fleet.up(ctx, fleet.load(path, ctx))
-        res = fleet.down(ctx, fleet.load(path, ctx))
+            reconcile.up(ctx, fleetspec.load(path, ctx))
+        res = reconcile.down(ctx, fleetspec.load(path, ctx))
         assert [(a.name, a.action) for a in res.actions] == [(name, "kept")]
         assert (HOME / "guests" / name / "guest.json").exists()
     finally:
-        partitions.remove(ctx, name)
+        guests.remove(ctx, name)
 
 
 @pytest.mark.guest
 def test_base_used_by_fleet_guests_cannot_be_removed(ctx: Context, fleet3: Fleet) -> None:
     with pytest.raises(ConflictError) as exc:
-        images.remove(ctx, fleet3.base)
+        lifecycle.remove(ctx, fleet3.base)
     for n in fleet3.names:
         assert f"guest {n}" in str(exc.value)
     res = osimg("image", "rm", fleet3.base)
     assert res.returncode == ConflictError.exit_code and "is in use by" in res.stderr
-    assert fleet3.base_disk.exists() and storage.sha256(fleet3.base_disk) == fleet3.base_sha
+    assert fleet3.base_disk.exists() and qemu_img.sha256(fleet3.base_disk) == fleet3.base_sha
 
 
 def block_bytes(ctx: Context, name: str, dev: str, want: int, timeout: float = 10) -> int:
@@ -452,28 +456,28 @@ def test_resize_running_guest(ctx: Context, fleet3: Fleet) -> None:
     assert json.loads(res.stdout) == {"name": name, "disk": "data", "old_bytes": 64 * MIB, "new_bytes": 96 * MIB,
                                       "changed": True, "live": True}
     assert block_bytes(ctx, name, "vdc", 96 * MIB) == 96 * MIB
-    old, new = partitions.resize(ctx, name, "os", old_os + 64 * MIB)
+    old, new = guests.resize(ctx, name, "os", old_os + 64 * MIB)
     assert (old, new) == (old_os, old_os + 64 * MIB)
     assert block_bytes(ctx, name, "vda", new) == new
     res = osimg("guest", "resize", name, "--disk", "data", "--size", "32M")
     assert res.returncode == ValidationError.exit_code and "shrinking it" in res.stderr, res.stderr
     res = osimg("guest", "resize", name, "--disk", "data", "--size", "96M")
     assert res.returncode == 0 and "nothing to do" in res.stdout
-    assert storage.info(partitions.load(ctx, name).overlay(ctx)).backing is not None  # still an overlay
+    assert qemu_img.info(guests.load(ctx, name).overlay(ctx)).backing is not None  # still an overlay
     assert sh(ctx, name, "cat /run/fleet-init-out").strip() == "init-0 on host0"
 
 
 @pytest.mark.guest
 def test_resize_stopped_guest_then_up_starts_it(ctx: Context, fleet3: Fleet) -> None:
     name = fleet3.names[2]
-    g = partitions.load(ctx, name)
-    old = storage.info(g.overlay(ctx)).virtual_size
+    g = guests.load(ctx, name)
+    old = qemu_img.info(g.overlay(ctx)).virtual_size
     ctx.hv.shutdown(name)
     assert not ctx.hv.is_active(name)
     res = osimg("guest", "resize", name, "--disk", "os", "--size", f"{(old + 32 * MIB) // MIB}M", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["live"] is False
-    assert storage.info(g.overlay(ctx)).virtual_size == old + 32 * MIB
+    assert qemu_img.info(g.overlay(ctx)).virtual_size == old + 32 * MIB
     res = osimg("fleet", "up", str(fleet3.spec_path), "--json")
     assert res.returncode == 0, res.stderr
     acts = {x["name"]: x["action"] for x in json.loads(res.stdout)["guests"]}
@@ -487,7 +491,7 @@ def test_resize_stopped_guest_then_up_starts_it(ctx: Context, fleet3: Fleet) -> 
 @pytest.mark.guest
 def test_down_removes_guests_and_files_and_leaves_the_base(ctx: Context, fleet3: Fleet) -> None:
     dirs = [HOME / "guests" / n for n in fleet3.names]
-    predicted = fleet.plan_down(ctx, fleet3.spec)
+    predicted = reconcile.plan_down(ctx, fleet3.spec)
     assert [(a.name, a.action) for a in predicted.actions] == [(n, "removed") for n in fleet3.names]
     assert all(d.exists() for d in dirs)
     res = osimg("fleet", "down", str(fleet3.spec_path), "--json")
@@ -496,14 +500,14 @@ def test_down_removes_guests_and_files_and_leaves_the_base(ctx: Context, fleet3:
                                                                                    for n in fleet3.names]
     for n, d in zip(fleet3.names, dirs, strict=True):
         assert not ctx.hv.exists(n) and not d.exists()
-    assert fleet.members(ctx, fleet3.spec.name) == {}
+    assert reconcile.members(ctx, fleet3.spec.name) == {}
     again = osimg("fleet", "down", str(fleet3.spec_path))
     assert again.returncode == 0 and "nothing to do" in again.stdout
     # the shared base is untouched by everything above, and now nothing depends on it
-    assert storage.sha256(fleet3.base_disk) == fleet3.base_sha
-    assert images.dependents(ctx, fleet3.base) == []
-    images.remove(ctx, fleet3.base)
-    assert not images.image_dir(ctx, fleet3.base).exists()
+    assert qemu_img.sha256(fleet3.base_disk) == fleet3.base_sha
+    assert lifecycle.dependents(ctx, fleet3.base) == []
+    lifecycle.remove(ctx, fleet3.base)
+    assert not catalog.image_dir(ctx, fleet3.base).exists()
     leftovers = [p.name for p in (HOME / "images").iterdir() if p.name.startswith(".tmp")]
     assert leftovers == []
 
@@ -518,7 +522,7 @@ def test_debian_cloud_init_applies_the_same_drive(ctx: Context, tmp_path: Path) 
     print(f"\n[measure] debian:v1 image ready in {time.monotonic() - t0:.1f}s")
     name = gname("deb")
     key = HOME / "keys" / "fleet_user"
-    pub = remote.ensure_client_key(key)
+    pub = ssh.ensure_client_key(key)
     spec = {
         "name": gname("debfleet"),
         "guests": [{
@@ -532,7 +536,7 @@ def test_debian_cloud_init_applies_the_same_drive(ctx: Context, tmp_path: Path) 
     path = write_spec(tmp_path, spec)
     try:
         t0 = time.monotonic()
-        res = fleet.up(ctx, fleet.load(path, ctx), timeout=300)
+        res = reconcile.up(ctx, fleetspec.load(path, ctx), timeout=300)
         print(f"\n[measure] debian fleet guest up in {time.monotonic() - t0:.1f}s "
               f"(ready {res.actions[0].ready_seconds:.1f}s)")
         out = sh(ctx, name, """
@@ -557,10 +561,10 @@ def test_debian_cloud_init_applies_the_same_drive(ctx: Context, tmp_path: Path) 
         assert "init=init on deb1" in lines, out
         assert "osimg.fleet_test=deb" in out and "module=dummy" in lines, out
         assert "cloud-init=status: done" in lines, out
-        g = partitions.load(ctx, name)
-        with remote.Session(g.ssh_port, g.host_key, key, user="carol", timeout=60) as s:
+        g = guests.load(ctx, name)
+        with ssh.Session(g.ssh_port, g.host_key, key, user="carol", timeout=60) as s:
             assert "uid=2101(carol)" in s.run(["id"], check=True).out
     finally:
-        fleet.down(ctx, fleet.load(path))
+        reconcile.down(ctx, fleetspec.load(path))
         with suppress(OsimgError):
-            partitions.remove(ctx, name)
+            guests.remove(ctx, name)

@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator import images, partitions, storage
+from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.errors import ConflictError, GuestError, NotFoundError, StorageError
+from orchestrator.host import qemu_img
+from orchestrator.images import catalog, lifecycle
 
 from .conftest import HOME, gname, osimg, osimg_json
 
@@ -41,7 +43,7 @@ commands:
 
 
 # -- helpers --------------------------------------------------------------------------------------------
-def qemu_img(*args: str) -> None:
+def run_qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True, timeout=60)
 
 
@@ -50,9 +52,9 @@ def repo_state(ctx: Context) -> tuple[list[tuple[str, int, int, int]], list[tupl
     root = ctx.settings.images_dir
     files = sorted((str(p.relative_to(root)), p.stat().st_mode, p.stat().st_size, p.stat().st_mtime_ns)
                    for p in root.rglob("*")) if root.exists() else []
-    catalog = sorted((i.name, json.dumps(i.files, sort_keys=True)) for i in images.list_images(ctx))
-    guests = sorted(p.name for p in ctx.settings.guests_dir.iterdir()) if ctx.settings.guests_dir.exists() else []
-    return files, catalog, guests
+    records = sorted((i.name, json.dumps(i.files, sort_keys=True)) for i in catalog.list_images(ctx))
+    folders = sorted(p.name for p in ctx.settings.guests_dir.iterdir()) if ctx.settings.guests_dir.exists() else []
+    return files, records, folders
 
 
 def builder_leftovers(ctx: Context, name: str) -> list[str]:
@@ -67,8 +69,8 @@ def builder_leftovers(ctx: Context, name: str) -> list[str]:
 
 
 def assert_absent(ctx: Context, name: str) -> None:
-    assert ctx.store.get(images.KIND, name) is None
-    assert not images.image_dir(ctx, name).exists()
+    assert ctx.store.get(catalog.KIND, name) is None
+    assert not catalog.image_dir(ctx, name).exists()
     assert not builder_leftovers(ctx, name)
 
 
@@ -84,18 +86,18 @@ def writable(path: Path) -> Iterator[None]:
 def rerecord_hash(ctx: Context, name: str) -> None:
     """Make the catalog agree with a tampered disk, as if the bad disk had been recorded at creation
     (e.g. a repository moved after a snapshot was taken): then only the backing-chain check catches it."""
-    disk = images.image_dir(ctx, name) / images.DISK
+    disk = catalog.image_dir(ctx, name) / catalog.DISK
 
     def fix(rec: dict[str, Any] | None) -> dict[str, Any] | None:
         assert rec is not None
-        rec["files"][images.DISK] = storage.sha256(disk)
+        rec["files"][catalog.DISK] = qemu_img.sha256(disk)
         return rec
 
-    ctx.store.update(images.KIND, name, fix)
+    ctx.store.update(catalog.KIND, name, fix)
 
 
 @contextlib.contextmanager
-def guests(ctx: Context) -> Iterator[list[str]]:
+def guests_removed(ctx: Context) -> Iterator[list[str]]:
     """Names appended to the yielded list are removed afterwards, also when the test fails."""
     names: list[str] = []
     try:
@@ -103,12 +105,12 @@ def guests(ctx: Context) -> Iterator[list[str]]:
     finally:
         for n in names:
             with contextlib.suppress(NotFoundError):
-                partitions.remove(ctx, n)
+                guests.remove(ctx, n)
 
 
 @dataclass
 class Built:
-    image: images.Image
+    image: catalog.Image
     seconds: float
     builder: str = ""
     listed: list[str] = field(default_factory=list)  # `guest list` while the builder ran
@@ -133,7 +135,7 @@ def built(ctx: Context, tmp_path_factory: pytest.TempPathFactory) -> Built:
             seen["listed_all"] = rows_all
 
     t0 = time.monotonic()
-    img = images.build(ctx, V1, "tiny:v1", images.BuildSteps.load(steps_file), progress=progress)
+    img = lifecycle.build(ctx, V1, "tiny:v1", lifecycle.BuildSteps.load(steps_file), progress=progress)
     out = Built(img, time.monotonic() - t0, **seen)
     print(f"\n[measure] image {V1} built and captured in {out.seconds:.1f}s")
     return out
@@ -142,12 +144,12 @@ def built(ctx: Context, tmp_path_factory: pytest.TempPathFactory) -> Built:
 # -- build and capture ----------------------------------------------------------------------------------
 def test_build_captures_disk_and_memory_state(ctx: Context, built: Built) -> None:
     img = built.image
-    d = images.image_dir(ctx, V1)
+    d = catalog.image_dir(ctx, V1)
     assert img.kind == "built" and img.source == "tiny:v1" and img.os_version == "v1"
     assert img.has_memory_state and img.state_from == V1
-    assert (d / images.STATE).stat().st_size > 1 << 20
+    assert (d / catalog.STATE).stat().st_size > 1 << 20
     assert {"disk.qcow2", "state.sav", "vmlinuz", "initrd.img", "domain.xml"} <= set(img.files)
-    assert images.verify(ctx, V1) == []
+    assert catalog.verify(ctx, V1) == []
     rec = osimg_json("image", "inspect", V1)
     assert isinstance(rec, dict) and rec["has_memory_state"] is True and rec["dependents"] == []
 
@@ -176,25 +178,25 @@ def test_failed_build_step_leaves_no_builder_and_no_image(ctx: Context, built: B
 
 # -- snapshot and clone -----------------------------------------------------------------------------------
 def test_snapshot_and_clone_boot_and_show_the_marker(ctx: Context, built: Built) -> None:
-    snap = images.snapshot(ctx, V1, gname("img-snap"))
-    clone = images.clone(ctx, V1, gname("img-clone"))
-    sdir, cdir = images.image_dir(ctx, snap.name), images.image_dir(ctx, clone.name)
+    snap = catalog.snapshot(ctx, V1, gname("img-snap"))
+    clone = catalog.clone(ctx, V1, gname("img-clone"))
+    sdir, cdir = catalog.image_dir(ctx, snap.name), catalog.image_dir(ctx, clone.name)
     # a snapshot is metadata only: an overlay on V1, sharing V1's memory state, kernel and initrd
-    assert storage.info(sdir / images.DISK).backing == str(images.image_dir(ctx, V1) / images.DISK)
+    assert qemu_img.info(sdir / catalog.DISK).backing == str(catalog.image_dir(ctx, V1) / catalog.DISK)
     assert snap.state_from == V1 and snap.allocated_size < 1 << 20
-    assert not (sdir / images.STATE).exists() and not (sdir / "vmlinuz").exists()
+    assert not (sdir / catalog.STATE).exists() and not (sdir / "vmlinuz").exists()
     # a clone is independent: no backing file, its own memory state
-    assert storage.info(cdir / images.DISK).backing is None
-    assert clone.state_from == clone.name and (cdir / images.STATE).exists()
-    assert images.verify(ctx, snap.name) == [] and images.verify(ctx, clone.name) == []
-    with guests(ctx) as names:
+    assert qemu_img.info(cdir / catalog.DISK).backing is None
+    assert clone.state_from == clone.name and (cdir / catalog.STATE).exists()
+    assert catalog.verify(ctx, snap.name) == [] and catalog.verify(ctx, clone.name) == []
+    with guests_removed(ctx) as names:
         booted = {}
         for img in (snap, clone):  # start both, then wait: the boots overlap
             names.append(gname(f"on-{img.kind}"))
-            booted[img.name] = partitions.create(ctx, names[-1], img.name)
+            booted[img.name] = guests.create(ctx, names[-1], img.name)
         for img_name, g in booted.items():
-            ready = partitions.wait_ready(ctx, g)
-            with partitions.session(ctx, g) as s:
+            ready = guests.wait_ready(ctx, g)
+            with guests.session(ctx, g) as s:
                 text = s.run(["cat", MARKER_PATH], check=True).out
             print(f"\n[measure] guest on {img_name} SSH-ready in {ready:.1f}s")
             assert MARKER in text and "step ran as 0" in text
@@ -202,20 +204,20 @@ def test_snapshot_and_clone_boot_and_show_the_marker(ctx: Context, built: Built)
 
 
 def test_rm_of_a_base_with_a_snapshot_is_refused(ctx: Context, built: Built) -> None:
-    dep = images.snapshot(ctx, V1, gname("img-dep"))
+    dep = catalog.snapshot(ctx, V1, gname("img-dep"))
     before = repo_state(ctx)
     with pytest.raises(ConflictError, match=f"image {dep.name}"):
-        images.remove(ctx, V1)
+        lifecycle.remove(ctx, V1)
     res = osimg("image", "rm", V1)
     assert res.returncode == ConflictError.exit_code and dep.name in res.stderr and "Traceback" not in res.stderr
     assert repo_state(ctx) == before
-    images.remove(ctx, dep.name)
+    lifecycle.remove(ctx, dep.name)
     assert_absent(ctx, dep.name)
-    assert images.verify(ctx, V1) == []
+    assert catalog.verify(ctx, V1) == []
 
 
 def test_rm_of_an_unused_clone_removes_it(ctx: Context, built: Built) -> None:
-    c = images.clone(ctx, V1, gname("img-tmpclone"))
+    c = catalog.clone(ctx, V1, gname("img-tmpclone"))
     res = osimg("image", "rm", c.name)
     assert res.returncode == 0, res.stderr
     assert_absent(ctx, c.name)
@@ -237,8 +239,8 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize("damage", [flip, truncate], ids=["flip", "truncate"])
 def test_corrupted_image_fails_verify_and_is_not_cloned(
         ctx: Context, built: Built, damage: Callable[[Path], None]) -> None:
-    bad = images.clone(ctx, V1, gname(f"img-bad-{damage.__name__}"))
-    disk = images.image_dir(ctx, bad.name) / images.DISK
+    bad = catalog.clone(ctx, V1, gname(f"img-bad-{damage.__name__}"))
+    disk = catalog.image_dir(ctx, bad.name) / catalog.DISK
     with writable(disk):
         damage(disk)
     res = osimg("image", "verify", bad.name)
@@ -247,7 +249,7 @@ def test_corrupted_image_fails_verify_and_is_not_cloned(
     before = repo_state(ctx)
     dst = gname(f"img-from-bad-{damage.__name__}")
     with pytest.raises(StorageError, match=r"disk\.qcow2 was modified"):
-        images.clone(ctx, bad.name, dst)
+        catalog.clone(ctx, bad.name, dst)
     res = osimg("image", "clone", bad.name, dst)
     assert res.returncode == StorageError.exit_code and bad.name in res.stderr
     assert_absent(ctx, dst)
@@ -259,48 +261,48 @@ def test_backing_chain_outside_the_repository_is_reported(
         ctx: Context, built: Built, tmp_path: Path, outside: str) -> None:
     target = tmp_path / "outside.qcow2"
     if outside == "existing":
-        qemu_img("create", "-q", "-f", "qcow2", str(target), "256M")
-    s = images.snapshot(ctx, V1, gname(f"img-out-{outside}"))
-    disk = images.image_dir(ctx, s.name) / images.DISK
+        run_qemu_img("create", "-q", "-f", "qcow2", str(target), "256M")
+    s = catalog.snapshot(ctx, V1, gname(f"img-out-{outside}"))
+    disk = catalog.image_dir(ctx, s.name) / catalog.DISK
     with writable(disk):
-        qemu_img("rebase", "-u", "-F", "qcow2", "-b", str(target), str(disk))
-    assert any("disk.qcow2 was modified" in p for p in images.verify(ctx, s.name))
+        run_qemu_img("rebase", "-u", "-F", "qcow2", "-b", str(target), str(disk))
+    assert any("disk.qcow2 was modified" in p for p in catalog.verify(ctx, s.name))
     rerecord_hash(ctx, s.name)
-    problems = images.verify(ctx, s.name)
+    problems = catalog.verify(ctx, s.name)
     assert problems and all(str(target) in p for p in problems), problems
     if outside == "existing":
         assert "backing chain leaves the repository" in problems[0]
     res = osimg("image", "verify", s.name)
     assert res.returncode == StorageError.exit_code and str(target) in res.stderr
     with pytest.raises(StorageError, match="failed verification"):
-        images.clone(ctx, s.name, gname(f"img-out-{outside}-c"))
+        catalog.clone(ctx, s.name, gname(f"img-out-{outside}-c"))
     assert_absent(ctx, gname(f"img-out-{outside}-c"))
 
 
 @pytest.mark.timeout(120)
 def test_backing_chain_loop_is_reported_and_refused_quickly(ctx: Context, built: Built) -> None:
-    a, b = (images.snapshot(ctx, V1, gname(f"img-loop-{x}")) for x in "ab")
-    da, db = (images.image_dir(ctx, i.name) / images.DISK for i in (a, b))
+    a, b = (catalog.snapshot(ctx, V1, gname(f"img-loop-{x}")) for x in "ab")
+    da, db = (catalog.image_dir(ctx, i.name) / catalog.DISK for i in (a, b))
     with writable(da), writable(db):
-        qemu_img("rebase", "-u", "-F", "qcow2", "-b", str(db), str(da))
-        qemu_img("rebase", "-u", "-F", "qcow2", "-b", str(da), str(db))
+        run_qemu_img("rebase", "-u", "-F", "qcow2", "-b", str(db), str(da))
+        run_qemu_img("rebase", "-u", "-F", "qcow2", "-b", str(da), str(db))
     for i in (a, b):
         rerecord_hash(ctx, i.name)
-    problems = images.verify(ctx, a.name)
+    problems = catalog.verify(ctx, a.name)
     assert any("infinite loop" in p for p in problems), problems
     res = osimg("image", "verify", b.name)
     assert res.returncode == StorageError.exit_code and "infinite loop" in res.stderr
     before = repo_state(ctx)
     with pytest.raises(StorageError, match="infinite loop"):
-        images.clone(ctx, a.name, gname("img-loop-c"))
+        catalog.clone(ctx, a.name, gname("img-loop-c"))
     # qemu-img create spins forever on a looping backing file: these must fail fast instead
     t0 = time.monotonic()
     with pytest.raises(StorageError, match="infinite loop"):
-        images.snapshot(ctx, a.name, gname("img-loop-s"))
-    with guests(ctx) as names:
+        catalog.snapshot(ctx, a.name, gname("img-loop-s"))
+    with guests_removed(ctx) as names:
         names.append(gname("on-loop"))
         with pytest.raises(StorageError, match="infinite loop"):
-            partitions.create(ctx, names[-1], a.name)
+            guests.create(ctx, names[-1], a.name)
         assert not ctx.hv.exists(names[-1])
     assert time.monotonic() - t0 < 30
     assert repo_state(ctx) == before
@@ -368,46 +370,46 @@ def test_malformed_steps_file_is_refused(ctx: Context, tmp_path: Path, content: 
 
 # -- immutability -------------------------------------------------------------------------------------------
 def test_image_files_are_read_only(ctx: Context, built: Built) -> None:
-    s = images.snapshot(ctx, V1, gname("img-ro"))
+    s = catalog.snapshot(ctx, V1, gname("img-ro"))
     for name in (V1, s.name):
-        d = images.image_dir(ctx, name)
+        d = catalog.image_dir(ctx, name)
         modes = {f.name: oct(f.stat().st_mode & 0o777) for f in d.iterdir()}
         assert set(modes.values()) == {"0o444"}, (name, modes)
 
 
 def test_guest_on_an_image_made_writable_is_refused(ctx: Context, built: Built) -> None:
-    s = images.snapshot(ctx, V1, gname("img-w"))
-    disk = images.image_dir(ctx, s.name) / images.DISK
+    s = catalog.snapshot(ctx, V1, gname("img-w"))
+    disk = catalog.image_dir(ctx, s.name) / catalog.DISK
     name = gname("on-writable")
     with writable(disk):
         before = repo_state(ctx)
         with pytest.raises(StorageError, match="writable"):
-            partitions.create(ctx, name, s.name)
+            guests.create(ctx, name, s.name)
         res = osimg("guest", "create", name, "--image", s.name)
         assert res.returncode == StorageError.exit_code and "writable" in res.stderr
         assert not ctx.hv.exists(name) and not (HOME / "guests" / name).exists()
         assert repo_state(ctx) == before
-        assert any("disk.qcow2 is writable" in p for p in images.verify(ctx, s.name))
-    assert images.verify(ctx, s.name) == []
+        assert any("disk.qcow2 is writable" in p for p in catalog.verify(ctx, s.name))
+    assert catalog.verify(ctx, s.name) == []
 
 
 # -- import (the benchmark's way in) -------------------------------------------------------------------------
 def test_import_disk_then_snapshot_shares_boot_files(ctx: Context, tmp_path: Path) -> None:
     src = tmp_path / "prepared.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(src), "64M")
+    run_qemu_img("create", "-q", "-f", "qcow2", str(src), "64M")
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", str(src)], check=True,
                    capture_output=True, timeout=60)
     name = gname("img-imported")
-    img = images.import_disk(ctx, name, src, like="tiny:v1")
+    img = catalog.import_disk(ctx, name, src, like="tiny:v1")
     assert img.kind == "imported" and not img.has_memory_state and img.virtual_size == 64 << 20
-    assert images.verify(ctx, name) == []
-    snap = images.snapshot(ctx, name, gname("img-imported-s"))
-    boot = images.resolve(ctx, snap.name)
-    assert boot.kernel == images.image_dir(ctx, name) / "vmlinuz" and boot.state_file is None
+    assert catalog.verify(ctx, name) == []
+    snap = catalog.snapshot(ctx, name, gname("img-imported-s"))
+    boot = catalog.resolve(ctx, snap.name)
+    assert boot.kernel == catalog.image_dir(ctx, name) / "vmlinuz" and boot.state_file is None
     with pytest.raises(NotFoundError, match="no such file"):
-        images.import_disk(ctx, gname("img-nofile"), tmp_path / "absent.qcow2")
+        catalog.import_disk(ctx, gname("img-nofile"), tmp_path / "absent.qcow2")
     with pytest.raises(ConflictError):
-        images.import_disk(ctx, name, src)
-    images.remove(ctx, snap.name)
-    images.remove(ctx, name)
+        catalog.import_disk(ctx, name, src)
+    lifecycle.remove(ctx, snap.name)
+    lifecycle.remove(ctx, name)
     assert_absent(ctx, name)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from orchestrator import partitions
+from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.errors import ConflictError, HypervisorError, NotFoundError, ValidationError
 
@@ -16,21 +16,21 @@ from .conftest import HOME, gname, osimg, osimg_json
 pytestmark = pytest.mark.guest
 
 
-def test_v1_guest_boots_and_answers_ssh(ctx: Context, v1_guest: partitions.Guest) -> None:
-    with partitions.session(ctx, v1_guest) as s:
+def test_v1_guest_boots_and_answers_ssh(ctx: Context, v1_guest: guests.Guest) -> None:
+    with guests.session(ctx, v1_guest) as s:
         osr = s.run(["cat", "/etc/os-release"], check=True).out
         assert "VERSION_ID=v1" in osr
         assert s.run(["sh", "-c", "echo $((6*7))"], check=True).out.strip() == "42"
         assert s.run(["cat", "/etc/osimg-version"], check=True).out.strip() == "v1"
 
 
-def test_cli_ssh_runs_command(v1_guest: partitions.Guest) -> None:
+def test_cli_ssh_runs_command(v1_guest: guests.Guest) -> None:
     res = osimg("guest", "ssh", v1_guest.name, "--", "uname", "-r")
     assert res.returncode == 0, res.stderr
     assert "cloud-amd64" in res.stdout
 
 
-def test_guest_list_shows_guest(v1_guest: partitions.Guest) -> None:
+def test_guest_list_shows_guest(v1_guest: guests.Guest) -> None:
     rows = osimg_json("guest", "list")
     assert isinstance(rows, list)
     mine = [r for r in rows if r["name"] == v1_guest.name]
@@ -53,7 +53,7 @@ def test_v2_guest_reports_v2_and_is_torn_down(ctx: Context) -> None:
     assert not (HOME / "guests" / name).exists()
 
 
-def test_doctor_reports_the_accelerator_in_use(ctx: Context, v1_guest: partitions.Guest) -> None:
+def test_doctor_reports_the_accelerator_in_use(ctx: Context, v1_guest: guests.Guest) -> None:
     rep = osimg_json("doctor")
     assert isinstance(rep, dict)
     accel = rep["accel"]["accel"]
@@ -67,7 +67,7 @@ def test_doctor_reports_the_accelerator_in_use(ctx: Context, v1_guest: partition
 def test_invalid_names_are_refused_and_nothing_is_created(ctx: Context, bad: str) -> None:
     before = set((HOME / "guests").iterdir()) if (HOME / "guests").exists() else set()
     with pytest.raises(ValidationError):
-        partitions.create(ctx, bad, "tiny:v1")
+        guests.create(ctx, bad, "tiny:v1")
     res = osimg("guest", "create", "--image", "tiny:v1", "--", bad)
     assert res.returncode == 2
     assert "invalid guest name" in res.stderr and "Traceback" not in res.stderr
@@ -84,11 +84,11 @@ def test_unknown_image_is_refused(ctx: Context, image: str) -> None:
     assert not (HOME / "guests" / name).exists() and not ctx.hv.exists(name)
 
 
-def test_duplicate_name_is_refused(ctx: Context, v1_guest: partitions.Guest) -> None:
+def test_duplicate_name_is_refused(ctx: Context, v1_guest: guests.Guest) -> None:
     overlay = v1_guest.overlay(ctx)
     before = overlay.stat().st_mtime_ns
     with pytest.raises(ConflictError, match="already exists"):
-        partitions.create(ctx, v1_guest.name, "tiny:v1")
+        guests.create(ctx, v1_guest.name, "tiny:v1")
     assert ctx.hv.state(v1_guest.name) == "running"
     assert overlay.stat().st_mtime_ns >= before
 

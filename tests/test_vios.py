@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import partitions, storage
+from orchestrator import guests, recipes
 from orchestrator.cluster.events import ALERT, EventFilter
 from orchestrator.context import Context
 from orchestrator.errors import ConflictError, OsimgError
+from orchestrator.host import qemu_img
 from orchestrator.vios import attach as att_mod
+from orchestrator.vios import clients as vguest
 from orchestrator.vios import failover, lus, node
 
 from .conftest import HOME, gname, osimg, osimg_json
@@ -68,21 +70,21 @@ def nodes(ctx: Context) -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def clients(ctx: Context) -> Iterator[tuple[partitions.Guest, partitions.Guest]]:
-    made: list[partitions.Guest] = []
+def clients(ctx: Context) -> Iterator[tuple[guests.Guest, guests.Guest]]:
+    made: list[guests.Guest] = []
     try:
         t0 = time.monotonic()
         for label in ("c1", "c2"):
-            made.append(partitions.create(ctx, gname(label), "tiny:v1"))
+            made.append(guests.create(ctx, gname(label), "tiny:v1"))
         for g in made:
-            partitions.wait_ready(ctx, g)
+            guests.wait_ready(ctx, g)
         print(f"\n[measure] two client guests SSH-ready in {time.monotonic() - t0:.1f}s")
         yield made[0], made[1]
     finally:
         for g in made:
             with contextlib.suppress(OsimgError):
                 att_mod.detach_all(ctx, g.name)
-            partitions.remove(ctx, g.name)
+            guests.remove(ctx, g.name)
 
 
 def data_lu(ctx: Context, label: str, size: int = 32 << 20) -> lus.LU:
@@ -90,12 +92,12 @@ def data_lu(ctx: Context, label: str, size: int = 32 << 20) -> lus.LU:
     d.mkdir(exist_ok=True)
     d.chmod(0o755)
     path = d / f"{label}.qcow2"
-    storage.make_ext4_volume(path, size, label, str(uuid.uuid4()))
+    qemu_img.make_ext4_volume(path, size, label, str(uuid.uuid4()))
     return lus.define_lu(ctx, gname(label), path, "data")
 
 
-def sh(ctx: Context, g: partitions.Guest, script: str, timeout: float = 120) -> str:
-    with partitions.session(ctx, g) as s:
+def sh(ctx: Context, g: guests.Guest, script: str, timeout: float = 120) -> str:
+    with guests.session(ctx, g) as s:
         res = s.script(script, timeout=timeout)
     assert res.rc == 0, f"{script!r}: {res.err or res.out}"
     return res.out
@@ -128,7 +130,7 @@ def test_nodes_register_with_ids_local_copy_and_status(ctx: Context, nodes: tupl
 
 
 def test_guest_keeps_its_data_when_the_serving_vios_is_killed(
-    ctx: Context, nodes: tuple[str, str], clients: tuple[partitions.Guest, partitions.Guest]
+    ctx: Context, nodes: tuple[str, str], clients: tuple[guests.Guest, guests.Guest]
 ) -> None:
     a, b = nodes
     c1 = clients[0]
@@ -181,11 +183,11 @@ def test_guest_keeps_its_data_when_the_serving_vios_is_killed(
     # the old node comes back: it rejoins and serves its export as a standby again
     node.start(ctx, a, ttl=TTL)
     assert lus.wait_export(ctx, lus.export_name(a, lu.name)).status in ("standby", "serving")
-    storage.check(lu.path)
+    qemu_img.check(lu.path)
 
 
 def test_two_writers_exactly_one_wins(
-    ctx: Context, nodes: tuple[str, str], clients: tuple[partitions.Guest, partitions.Guest]
+    ctx: Context, nodes: tuple[str, str], clients: tuple[guests.Guest, guests.Guest]
 ) -> None:
     a, b = nodes
     lu = data_lu(ctx, "w2")
@@ -194,7 +196,7 @@ def test_two_writers_exactly_one_wins(
     sub = ctx.store.subscribe(EventFilter(kinds=(ALERT,), obj_prefix=f"lu/{lu.name}"))
     results: dict[str, object] = {}
 
-    def go(g: partitions.Guest) -> None:
+    def go(g: guests.Guest) -> None:
         try:
             results[g.name] = att_mod.attach(ctx, g.name, lu.name)
         except ConflictError as err:
@@ -225,7 +227,7 @@ def test_two_writers_exactly_one_wins(
 
 
 def test_base_image_is_shared_read_only_by_two_guests_on_libvirt_disks(
-    ctx: Context, nodes: tuple[str, str], clients: tuple[partitions.Guest, partitions.Guest]
+    ctx: Context, nodes: tuple[str, str], clients: tuple[guests.Guest, guests.Guest]
 ) -> None:
     a, _ = nodes
     base = Path(clients[0].base)
@@ -299,7 +301,6 @@ def test_failover_check_is_a_no_op_when_all_paths_live(ctx: Context, nodes: tupl
 @pytest.fixture(scope="module")
 def vios_guests(ctx: Context) -> Iterator[tuple[str, str]]:
     """A redundant pair of VIOS guests, each behind its own node daemon."""
-    from orchestrator.vios import guest as vguest
 
     names = (gname("vg1"), gname("vg2"))
     errors: list[BaseException] = []
@@ -320,7 +321,7 @@ def vios_guests(ctx: Context) -> Iterator[tuple[str, str]]:
         if errors:
             raise errors[0]
         print(f"\n[measure] two VIOS guests serving in {time.monotonic() - t0:.1f}s")
-        base = lus.define_lu(ctx, gname("gbase"), vguest.recipes.ensure_built(ctx.settings, "tiny:v1").disk, "base")
+        base = lus.define_lu(ctx, gname("gbase"), recipes.ensure_built(ctx.settings, "tiny:v1").disk, "base")
         for n in names:
             exp = lus.export_lu(ctx, base.name, n, wait=120)
             assert exp.port and not exp.socket
@@ -334,7 +335,7 @@ def vios_guests(ctx: Context) -> Iterator[tuple[str, str]]:
 
 
 def test_vios_guest_export_is_a_libvirt_scsi_disk_on_a_loopback_port(
-    ctx: Context, vios_guests: tuple[str, str], clients: tuple[partitions.Guest, partitions.Guest]
+    ctx: Context, vios_guests: tuple[str, str], clients: tuple[guests.Guest, guests.Guest]
 ) -> None:
     c1 = clients[0]
     base = gname("gbase")
@@ -355,14 +356,12 @@ def test_vios_guest_export_is_a_libvirt_scsi_disk_on_a_loopback_port(
 def test_client_boots_from_vios_guest_and_survives_losing_one_of_the_pair(
     ctx: Context, vios_guests: tuple[str, str]
 ) -> None:
-    from orchestrator.vios import guest as vguest
-
     vg1, vg2 = vios_guests
     name = gname("nb")
     try:
         t0 = time.monotonic()
         g, _ = vguest.create_client(ctx, name, "tiny:v1", gname("gbase"), nodes=[vg1, vg2])
-        ready = partitions.wait_ready(ctx, g, timeout=300)
+        ready = guests.wait_ready(ctx, g, timeout=300)
         print(f"\n[measure] client booted its OS over NBD from VIOS guests, SSH-ready in {ready:.1f}s "
               f"({time.monotonic() - t0:.1f}s with create)")
         out = sh(ctx, g, "cat /etc/osimg-version; awk '$2==\"/\"{print $1}' /proc/mounts; "
@@ -371,7 +370,7 @@ def test_client_boots_from_vios_guest_and_survives_losing_one_of_the_pair(
         version, root, blob_md5 = out.split()
         assert version == "v1" and root == "/dev/sda"
         overlay = g.overlay(ctx)
-        assert storage.allocated_bytes(overlay) > 2 << 20  # the writes went to the client's own overlay
+        assert qemu_img.allocated_bytes(overlay) > 2 << 20  # the writes went to the client's own overlay
         sub = ctx.store.subscribe(EventFilter(obj_prefix=f"lu/{gname('gbase')}"))
         info = node.get_info(ctx, vg1)
         assert info is not None and info.domain

@@ -6,6 +6,7 @@
 
 from .election import NodeAgent
 from .events import ALERT, LIFECYCLE, Event, EventFilter, Subscription
+from .open import open_store
 from .store import (
     EXCLUSIVE,
     SHARED_READ,
@@ -15,7 +16,6 @@ from .store import (
     Record,
     Registration,
     Reservation,
-    open_store,
 )
 
 __all__ = [

@@ -31,7 +31,7 @@ from ..cluster.events import ATTACHED, DETACHED, LIFECYCLE
 from ..cluster.store import EXCLUSIVE, SHARED_READ, Record
 from ..context import Context
 from ..errors import ConflictError, HypervisorError, NotFoundError, OsimgError
-from ..hypervisor import DiskSpec
+from ..host.domain import DiskSpec
 from ..validate import name as valid_name
 from . import lus
 from .lus import ATTACH_KIND, SERVING, STANDBY, Export
@@ -125,13 +125,7 @@ def list_attachments(ctx: Context, guest: str | None = None) -> list[Attachment]
     return [a for a in out if guest is None or a.guest == guest]
 
 
-def _node_ids(ctx: Context) -> dict[str, int]:
-    from .node import alive_nodes
-
-    return alive_nodes(ctx)
-
-
-def _nbd_blockdev(p: Path_, lu: str, readonly: bool) -> dict[str, Any]:
+def nbd_blockdev(p: Path_, lu: str, readonly: bool) -> dict[str, Any]:
     server: dict[str, Any] = (
         {"type": "unix", "path": p.socket} if p.socket else {"type": "inet", "host": "127.0.0.1", "port": str(p.port)}
     )
@@ -158,7 +152,7 @@ def attach(
     old = get(ctx, guest, lu.name)
     if old is not None:
         return old
-    alive = _node_ids(ctx)
+    alive = lus.alive_nodes(ctx)
     exports = lus.exports_of(ctx, lu.name)
     if nodes is not None:
         exports = sorted((e for e in exports if e.node in nodes), key=lambda e: nodes.index(e.node))
@@ -196,7 +190,7 @@ def attach(
         else:
             for p in att.paths:
                 if p.node in reserved:
-                    _add_blockdev(ctx, att, p)
+                    add_blockdev(ctx, att, p)
             qmp(ctx, guest, "blockdev-add", driver="quorum", **{"node-name": att.quorum, "vote-threshold": 1,
                 "read-pattern": "fifo", "read-only": lu.readonly}, children=[p.blockdev for p in att.connected()])
             att.next_child = len(att.connected())
@@ -221,10 +215,10 @@ def _disk_spec(att: Attachment, p: Path_) -> DiskSpec:
                     nbd_export=att.lu, nbd_socket=p.socket, nbd_port=p.port)
 
 
-def _add_blockdev(ctx: Context, att: Attachment, p: Path_) -> None:
+def add_blockdev(ctx: Context, att: Attachment, p: Path_) -> None:
     p.blockdev = f"vios{att.client_id}x{att.adapter_id}p{att.next_path}"
     att.next_path += 1
-    qmp(ctx, att.guest, "blockdev-add", **_nbd_blockdev(p, att.lu, att.readonly))
+    qmp(ctx, att.guest, "blockdev-add", **nbd_blockdev(p, att.lu, att.readonly))
     p.connected = True
 
 

@@ -20,9 +20,8 @@ from ..cluster.store import EXCLUSIVE, SHARED_READ
 from ..context import Context
 from ..errors import ConflictError, NotFoundError, OsimgError
 from . import lus
-from .attach import Attachment, Path_, _add_blockdev, get, list_attachments, qmp, require_qmp, save
+from .attach import Attachment, Path_, add_blockdev, get, list_attachments, qmp, require_qmp, save
 from .lus import SERVING, STANDBY
-from .node import alive_nodes
 
 log = logging.getLogger("osimg.vios")
 
@@ -30,7 +29,7 @@ LOCK_TTL = 60.0
 
 
 def dead_paths(ctx: Context, att: Attachment, alive: dict[str, int] | None = None) -> list[Path_]:
-    alive = alive_nodes(ctx) if alive is None else alive
+    alive = lus.alive_nodes(ctx) if alive is None else alive
     serving = {e.name for e in lus.exports_of(ctx, att.lu) if e.status == SERVING}
     return [p for p in att.connected() if p.node not in alive or p.export not in serving]
 
@@ -38,7 +37,7 @@ def dead_paths(ctx: Context, att: Attachment, alive: dict[str, int] | None = Non
 def check(ctx: Context) -> list[str]:
     """Fail over every QMP attachment of a running guest that has a dead path; returns what moved."""
     moved = []
-    alive = alive_nodes(ctx)
+    alive = lus.alive_nodes(ctx)
     for att in list_attachments(ctx):
         if att.via != "qmp" or not dead_paths(ctx, att, alive) or not ctx.hv.is_active(att.guest):
             continue
@@ -60,7 +59,7 @@ def failover(ctx: Context, guest: str, lu_name: str) -> Attachment:
         att = get(ctx, guest, lu_name)
         if att is None:
             raise NotFoundError(f"LU {lu_name} was detached from guest {guest}")
-        alive = alive_nodes(ctx)
+        alive = lus.alive_nodes(ctx)
         dead = dead_paths(ctx, att, alive)
         if not dead:
             return att
@@ -69,7 +68,7 @@ def failover(ctx: Context, guest: str, lu_name: str) -> Attachment:
         log.info("%s: paths through %s are dead", att.name, ", ".join(sorted(dead_nodes)))
         if not live:
             p = _new_path(ctx, att, alive, dead_nodes)
-            _add_blockdev(ctx, att, p)
+            add_blockdev(ctx, att, p)
             qmp(ctx, guest, "x-blockdev-change", parent=att.quorum, node=p.blockdev)
             p.child = f"children.{att.next_child}"
             att.next_child += 1

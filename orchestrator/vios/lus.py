@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import storage
 from ..cluster.events import ALERT, CREATED, DELETED, EXPORT_FAILED, LIFECYCLE, Event
-from ..cluster.store import LU_KIND, Record
+from ..cluster.store import ALIVE, LU_KIND, Record
 from ..context import Context
 from ..errors import ConflictError, NotFoundError, StorageError, ValidationError
+from ..host import qemu_img
 from ..validate import name as valid_name
 
 EXPORT_KIND = "export"
@@ -75,11 +75,11 @@ def export_name(node: str, lu: str) -> str:
     return valid_name(f"{node}.{lu}", f"export name for LU {lu} on node {node} (shorten the names)")
 
 
-def _lu(rec: Record) -> LU:
+def lu_from_record(rec: Record) -> LU:
     return LU(**{k: rec[k] for k in LU.__dataclass_fields__ if k in rec})
 
 
-def _export(rec: Record) -> Export:
+def export_from_record(rec: Record) -> Export:
     return Export(**{k: rec[k] for k in Export.__dataclass_fields__ if k in rec})
 
 
@@ -97,7 +97,7 @@ def define_lu(ctx: Context, name: str, path: str | Path, role: str, readonly: bo
     if not p.is_file():
         raise NotFoundError(f"LU {name}: no disk file at {p}")
     ro = True if role in ("base", "paging") else bool(readonly)
-    inf = storage.info(p)
+    inf = qemu_img.info(p)
     if inf.fmt not in ("qcow2", "raw"):
         raise StorageError(f"LU {name}: {p} is {inf.fmt}; a VIOS serves qcow2 or raw files")
     lu = LU(name, str(p), inf.fmt, ro, role, inf.virtual_size)
@@ -111,18 +111,18 @@ def define_lu(ctx: Context, name: str, path: str | Path, role: str, readonly: bo
     rec = ctx.store.update(LU_KIND, name, create)
     assert rec is not None
     publish(ctx, LIFECYCLE, CREATED, f"lu/{name}", path=lu.path, role=role, readonly=ro)
-    return _lu(rec)
+    return lu_from_record(rec)
 
 
 def get_lu(ctx: Context, name: str) -> LU:
     rec = ctx.store.get(LU_KIND, valid_name(name, "LU name"))
     if rec is None:
         raise NotFoundError(f"no LU named {name!r} in the cluster (see 'osimg cluster status')")
-    return _lu(rec)
+    return lu_from_record(rec)
 
 
 def list_lus(ctx: Context) -> list[LU]:
-    return [_lu(r) for r in ctx.store.list(LU_KIND)]
+    return [lu_from_record(r) for r in ctx.store.list(LU_KIND)]
 
 
 def delete_lu(ctx: Context, name: str) -> None:
@@ -146,11 +146,11 @@ def delete_lu(ctx: Context, name: str) -> None:
 # -- exports ----------------------------------------------------------------------------------------------
 def get_export(ctx: Context, name: str) -> Export | None:
     rec = ctx.store.get(EXPORT_KIND, name)
-    return None if rec is None else _export(rec)
+    return None if rec is None else export_from_record(rec)
 
 
 def exports_of(ctx: Context, lu: str | None = None, node: str | None = None) -> list[Export]:
-    out = [_export(r) for r in ctx.store.list(EXPORT_KIND)]
+    out = [export_from_record(r) for r in ctx.store.list(EXPORT_KIND)]
     return [e for e in out if (lu is None or e.lu == lu) and (node is None or e.node == node)]
 
 
@@ -242,3 +242,8 @@ def set_status(ctx: Context, name: str, status: str, error: str = "", **where: A
     ctx.store.update(EXPORT_KIND, name, upd)
     if status == FAILED:
         publish(ctx, ALERT, EXPORT_FAILED, f"export/{name}", error=error)
+
+
+def alive_nodes(ctx: Context) -> dict[str, int]:
+    """Name -> node ID of the VIOS nodes whose lease is alive."""
+    return {n.name: n.id for n in ctx.store.nodes() if n.state == ALIVE}

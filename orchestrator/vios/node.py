@@ -34,12 +34,13 @@ from typing import Any, Protocol
 
 from ..cluster.election import NodeAgent
 from ..cluster.events import LIFECYCLE, EventFilter
-from ..cluster.store import ALIVE, LU_KIND
+from ..cluster.store import LU_KIND
 from ..context import Context
 from ..errors import ConflictError, NotFoundError, OsimgError, StorageError
 from ..validate import name as valid_name
 from . import lus
-from .exports import QsdBackend
+from .backends import GuestBackend, QsdBackend
+from .failover import check as check_failover
 from .lus import EXPORT_KIND, FAILED, LU, NODE_KIND, SERVING, STANDBY, Export
 
 log = logging.getLogger("osimg.vios")
@@ -157,10 +158,8 @@ class ViosNode:
         return 0
 
     def _failover_duty(self) -> None:
-        from .failover import check
-
         try:
-            check(self.ctx)
+            check_failover(self.ctx)
         except OsimgError as err:
             log.warning("%s: failover check: %s", self.name, err)
 
@@ -170,7 +169,7 @@ class ViosNode:
     def reconcile(self) -> None:
         """Make the backend serve exactly this node's active exports, as the store says."""
         self.agent.rejoin()
-        wanted = {name: lus._export(rec) for name, rec in self.agent.devices().get(EXPORT_KIND, {}).items()}
+        wanted = {name: lus.export_from_record(rec) for name, rec in self.agent.devices().get(EXPORT_KIND, {}).items()}
         for name in sorted(self.backend.serving() - {n for n, e in wanted.items() if e.active}):
             log.info("%s: no longer serving %s", self.name, name)
             self.backend.unserve(name)
@@ -188,7 +187,7 @@ class ViosNode:
                 lus.set_status(self.ctx, name, FAILED, f"LU {exp.lu} no longer exists")
                 continue
             try:
-                where = self.backend.serve(exp, lus._lu(rec))
+                where = self.backend.serve(exp, lus.lu_from_record(rec))
             except OsimgError as err:
                 log.error("%s: cannot serve %s: %s", self.name, name, err)
                 lus.set_status(self.ctx, name, FAILED, str(err))
@@ -318,11 +317,6 @@ def list_nodes(ctx: Context) -> list[dict[str, Any]]:
     return rows
 
 
-def alive_nodes(ctx: Context) -> dict[str, int]:
-    """Name -> node ID of nodes whose lease is alive."""
-    return {n.name: n.id for n in ctx.store.nodes() if n.state == ALIVE}
-
-
 def remove(ctx: Context, name: str) -> None:
     """Forget a stopped node's record and local copy (its exports must be gone)."""
     info = get_info(ctx, name)
@@ -339,8 +333,6 @@ def remove(ctx: Context, name: str) -> None:
 # -- daemon entry point ----------------------------------------------------------------------------
 def _backend(ctx: Context, name: str, as_guest: bool, slots: int) -> Backend:
     if as_guest:
-        from .guest import GuestBackend
-
         return GuestBackend(ctx, name, folder(ctx, name), slots=slots)
     return QsdBackend(folder(ctx, name))
 

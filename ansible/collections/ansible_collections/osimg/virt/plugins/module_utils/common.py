@@ -17,11 +17,11 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-from ansible.module_utils.common.text.formatters import human_to_bytes
 
 try:
     from orchestrator.context import Context
-    from orchestrator.errors import OsimgError, ValidationError
+    from orchestrator.errors import OsimgError
+    from orchestrator.validate import parse_size
 except ImportError:
     HAS_ORCHESTRATOR = False
     ORCHESTRATOR_IMPORT_ERROR: str | None = traceback.format_exc()
@@ -83,9 +83,5 @@ def plain(obj: Any) -> Any:
 
 
 def size_bytes(value: Any, option: str) -> int:
-    """``64M``, ``1.5G``, ``512K`` or a plain number of MiB (as in a fleet spec) in bytes."""
-    try:
-        return int(human_to_bytes(str(value).strip(), default_unit="M"))
-    except ValueError:
-        raise ValidationError(f"{option}: expected a size such as 64M or 2G (a plain number means MiB), "
-                              f"got {value!r}") from None
+    """``64M``, ``1.5G``, ``512K`` or a plain number of MiB (as in a fleet spec) in bytes: the CLI's rule."""
+    return parse_size(value, option)

@@ -135,23 +135,24 @@ from typing import Any
 from ansible_collections.osimg.virt.plugins.module_utils.common import new_module, plain, run
 
 try:
-    from orchestrator import fleet
+    from orchestrator.fleet import reconcile
+    from orchestrator.fleet import spec as fleetspec
 except ImportError:
     pass  # new_module() fails the task with the import error
 
 
 def converge(module: Any, ctx: Any) -> dict[str, Any]:
     p = module.params
-    spec = fleet.load(p["spec"], ctx)
+    spec = fleetspec.load(p["spec"], ctx)
     # like 'osimg --uri': the option beats the spec's uri, which beats OSIMG_URI
-    fctx = ctx if p["uri"] else fleet.context_for(ctx, spec)
+    fctx = ctx if p["uri"] else reconcile.context_for(ctx, spec)
     try:
         if p["state"] == "present":
             # plan_up is what up checks and decides before its first change
-            res = (fleet.plan_up(fctx, spec, p["prune"]) if module.check_mode else
-                   fleet.up(fctx, spec, wait=p["wait"], prune=p["prune"], timeout=p["timeout"]))
+            res = (reconcile.plan_up(fctx, spec, p["prune"]) if module.check_mode else
+                   reconcile.up(fctx, spec, wait=p["wait"], prune=p["prune"], timeout=p["timeout"]))
         else:
-            res = fleet.plan_down(fctx, spec) if module.check_mode else fleet.down(fctx, spec)
+            res = reconcile.plan_down(fctx, spec) if module.check_mode else reconcile.down(fctx, spec)
     finally:
         if fctx is not ctx:
             fctx.close()

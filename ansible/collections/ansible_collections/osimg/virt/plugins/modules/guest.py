@@ -238,7 +238,7 @@ from typing import Any
 from ansible_collections.osimg.virt.plugins.module_utils.common import new_module, run, size_bytes
 
 try:
-    from orchestrator import partitions
+    from orchestrator import guests
     from orchestrator.customize import Customization, Mount, User
     from orchestrator.errors import ConflictError, NotFoundError, ValidationError
     from orchestrator.validate import name as valid_name
@@ -259,23 +259,16 @@ def customization(params: dict[str, Any]) -> Customization:
 
 
 def differences(g: Any, params: dict[str, Any], data_size: int | None) -> list[str]:
-    """What the task asks for that the existing guest was not created with (options not given are not compared)."""
-    out = []
-    if params["memory"] is not None and params["memory"] != g.memory_mib:
-        out.append(f"memory: {g.memory_mib} -> {params['memory']}")
-    if params["vcpus"] is not None and params["vcpus"] != g.vcpus:
-        out.append(f"vcpus: {g.vcpus} -> {params['vcpus']}")
-    if data_size is not None and data_size != g.data_size:
-        out.append(f"data_size: {g.data_size} -> {data_size}")
+    """What the task asks for that the existing guest was not created with (options not given are not
+    compared): the orchestrator's own drift rule, the one ``osimg fleet`` uses."""
     wanted = customization(params).to_dict()
-    for key in CUSTOM_KEYS:
-        if params[key] is not None and g.customization.get(key) != wanted[key]:
-            out.append(f"{key}: {g.customization.get(key)!r} -> {wanted[key]!r}")
-    return out
+    asked = {"memory_mib": params["memory"], "vcpus": params["vcpus"], "data_size": data_size,
+             "customization": {k: wanted[k] if params[k] is not None else None for k in CUSTOM_KEYS}}
+    return guests.config_drift(guests.config_of(g), asked, only_given=True)
 
 
 def describe(ctx: Any, g: Any, ready: float | None = None) -> dict[str, Any]:
-    return {"name": g.name, "image": g.image, "os_version": g.os_version, "state": partitions.status(ctx, g),
+    return {"name": g.name, "image": g.image, "os_version": g.os_version, "state": guests.status(ctx, g),
             "accel": g.accel, "ssh_port": g.ssh_port, "app_port": g.app_port, "data_size": g.data_size,
             "ready_seconds": ready}
 
@@ -286,7 +279,7 @@ def ensure(module: Any, ctx: Any) -> dict[str, Any]:
     valid_name(name, "guest name")
     data_size = size_bytes(p["data_size"], "data_size") if p["data_size"] is not None else None
     try:
-        g = partitions.load(ctx, name)
+        g = guests.load(ctx, name)
     except NotFoundError:
         g = None
 
@@ -294,7 +287,7 @@ def ensure(module: Any, ctx: Any) -> dict[str, Any]:
         if g is None:
             return {"changed": False, "action": "absent"}
         if not module.check_mode:
-            partitions.remove(ctx, name)
+            guests.remove(ctx, name)
         return {"changed": True, "action": "removed"}
 
     if g is None:
@@ -305,9 +298,9 @@ def ensure(module: Any, ctx: Any) -> dict[str, Any]:
             if ctx.hv.exists(name):
                 raise ConflictError(f"libvirt already has a domain named {name!r}; choose another guest name")
             return {"changed": True, "action": "created"}
-        g = partitions.create(ctx, name, p["image"], custom=custom, memory_mib=p["memory"], vcpus=p["vcpus"] or 1,
+        g = guests.create(ctx, name, p["image"], custom=custom, memory_mib=p["memory"], vcpus=p["vcpus"] or 1,
                               data_size=data_size or 0)
-        ready = partitions.wait_ready(ctx, g, timeout=p["timeout"]) if p["wait"] else None
+        ready = guests.wait_ready(ctx, g, timeout=p["timeout"]) if p["wait"] else None
         return {"changed": True, "action": "created", "guest": describe(ctx, g, ready)}
 
     diffs = differences(g, p, data_size)
@@ -317,7 +310,7 @@ def ensure(module: Any, ctx: Any) -> dict[str, Any]:
     if p["image"] and p["image"] != g.image:
         module.warn(f"guest {name} runs image {g.image}, not {p['image']}: the image is only used at creation "
                     f"(osimg.virt.swap moves a guest to another image)")
-    state = partitions.status(ctx, g)
+    state = guests.status(ctx, g)
     action = "unchanged"
     if p["state"] == "running" and state != "running":
         action = "resumed" if state == "paused" else "started"
@@ -327,8 +320,8 @@ def ensure(module: Any, ctx: Any) -> dict[str, Any]:
         ctx.hv.resume(name)
         ready = None
     else:
-        partitions.start(ctx, g)
-        ready = partitions.wait_ready(ctx, g, timeout=p["timeout"]) if p["wait"] else None
+        guests.start(ctx, g)
+        ready = guests.wait_ready(ctx, g, timeout=p["timeout"]) if p["wait"] else None
     return {"changed": True, "action": action, "guest": describe(ctx, g, ready)}
 
 

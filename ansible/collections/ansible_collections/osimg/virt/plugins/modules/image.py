@@ -164,7 +164,8 @@ from typing import Any
 from ansible_collections.osimg.virt.plugins.module_utils.common import new_module, plain, run
 
 try:
-    from orchestrator import images, recipes
+    from orchestrator import recipes
+    from orchestrator.images import catalog, lifecycle
     from orchestrator.errors import ConflictError, NotFoundError, ValidationError
     from orchestrator.validate import name as valid_name
 except ImportError:
@@ -173,10 +174,10 @@ except ImportError:
 KINDS = {"build": "built", "clone": "clone", "snapshot": "snapshot"}
 
 
-def build_steps(params: dict[str, Any]) -> images.BuildSteps | None:
+def build_steps(params: dict[str, Any]) -> lifecycle.BuildSteps | None:
     """Build steps from a file or from the task, checked by the same code the command uses."""
     if params["steps_file"]:
-        return images.BuildSteps.load(Path(params["steps_file"]))
+        return lifecycle.BuildSteps.load(Path(params["steps_file"]))
     if params["steps"] is None:
         return None
     import yaml  # a dependency of the orchestrator, so present wherever it is
@@ -186,7 +187,7 @@ def build_steps(params: dict[str, Any]) -> images.BuildSteps | None:
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(params["steps"], f)
         try:
-            return images.BuildSteps.load(Path(tmp))
+            return lifecycle.BuildSteps.load(Path(tmp))
         except ValidationError as err:
             raise ValidationError(str(err).replace(tmp, "option steps")) from None
     finally:
@@ -199,7 +200,7 @@ def present(module: Any, ctx: Any) -> dict[str, Any]:
     if kind != "build" and (p["steps"] is not None or p["steps_file"]):
         raise ValidationError(f"image {name}: build steps apply to kind=build only, not kind={kind}")
     try:
-        existing = images.get(ctx, name)
+        existing = catalog.get(ctx, name)
     except NotFoundError:
         existing = None
     if existing is not None:
@@ -215,30 +216,30 @@ def present(module: Any, ctx: Any) -> dict[str, Any]:
         if kind == "build" and ":" in source:
             recipes.parse_ref(source)
         else:
-            images.get(ctx, source)
+            catalog.get(ctx, source)
         return {"changed": True, "image": {"name": name, "kind": KINDS[kind], "source": source}}
     if kind == "build":
-        img = images.build(ctx, name, source, steps, boot_timeout=p["timeout"])
+        img = lifecycle.build(ctx, name, source, steps, boot_timeout=p["timeout"])
     elif kind == "clone":
-        img = images.clone(ctx, source, name)
+        img = catalog.clone(ctx, source, name)
     else:
-        img = images.snapshot(ctx, source, name)
+        img = catalog.snapshot(ctx, source, name)
     return {"changed": True, "image": plain(img)}
 
 
 def absent(module: Any, ctx: Any) -> dict[str, Any]:
     name = module.params["name"]
     try:
-        img = images.get(ctx, name)
+        img = catalog.get(ctx, name)
     except NotFoundError:
         return {"changed": False}
     if module.check_mode:
-        deps = images.dependents(ctx, name)
+        deps = lifecycle.dependents(ctx, name)
         if deps:
-            # the message images.remove raises
+            # the message lifecycle.remove raises
             raise ConflictError(f"image {name!r} is in use by {', '.join(deps)}; remove those first")
     else:
-        images.remove(ctx, name)
+        lifecycle.remove(ctx, name)
     return {"changed": True, "image": plain(img)}
 
 

@@ -178,7 +178,7 @@ from typing import Any
 from ansible_collections.osimg.virt.plugins.module_utils.common import TaskFailed, new_module, plain, run
 
 try:
-    from orchestrator import partitions, swap
+    from orchestrator import guests, swap
 except ImportError:
     pass  # new_module() fails the task with the import error
 
@@ -188,7 +188,7 @@ def rollout(module: Any, ctx: Any) -> dict[str, Any]:
     target = p["to_image"]
     # every guest and the image are checked first, also those that need nothing
     full = swap.plan(ctx, p["guests"], target, p["strategy"], p["batch"], p["max_failures"])
-    pending = [g for g in full.guests if partitions.load(ctx, g).image != target]
+    pending = [g for g in full.guests if guests.load(ctx, g).image != target]
     plan = replace(full, guests=pending, batches=[pending[i:i + full.batch] for i in range(0, len(pending), full.batch)])
     out: dict[str, Any] = {"changed": bool(pending), "swapped": [], "failed_guests": [], "batches": plan.batches,
                            "unchanged": [g for g in full.guests if g not in pending]}

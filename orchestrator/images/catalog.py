@@ -1,4 +1,4 @@
-"""The image repository: golden images captured from a hidden builder guest, clones and snapshots.
+"""The image catalog: records of golden images, their files, clones, snapshots, imports and verification.
 
 Layout: ``OSIMG_HOME/images/NAME/`` holds ``disk.qcow2``, ``vmlinuz``, ``initrd.img`` and, for
 captured images, ``state.sav`` (the builder's memory state: the design's paging device). The
@@ -20,34 +20,24 @@ build (``FAMILY:VERSION``) or a catalog name.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import recipes, storage
-from .context import Context
-from .errors import ConflictError, GuestError, NotFoundError, OsimgError, StorageError, ValidationError
-from .validate import name as valid_name
+from .. import recipes
+from ..context import Context
+from ..errors import ConflictError, NotFoundError, StorageError
+from ..host import qemu_img
+from ..validate import name as valid_name
 
 KIND = "image"
 DISK = "disk.qcow2"
 STATE = "state.sav"
 BOOT_FILES = ("vmlinuz", "initrd.img")
-
-Progress = Callable[[str], None]
-
-
-def _quiet(_msg: str) -> None:
-    return None
-
 
 @dataclass
 class BootImage:
@@ -91,49 +81,6 @@ class Image:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class BuildSteps:
-    """What a builder guest does before capture: files to install, then commands to run."""
-
-    files: list[dict[str, str]] = field(default_factory=list)
-    commands: list[str] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, path: Path) -> BuildSteps:
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as err:
-            raise ValidationError(f"{path}: cannot read build steps: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            # PyYAML's own message spans several lines; errors are one line
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ValidationError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', None) or err}") from None
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise ValidationError(f"{path}: expected a mapping with keys 'files' and 'commands'")
-        unknown = set(data) - {"files", "commands"}
-        if unknown:
-            raise ValidationError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; expected files, commands")
-        files = data.get("files") or []
-        cmds = data.get("commands") or []
-        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-            raise ValidationError(f"{path}: 'files' must be a list of mappings with path, content, mode")
-        for i, f in enumerate(files):
-            p = f.get("path")
-            if not isinstance(p, str) or not p.startswith("/") or ".." in p.split("/"):
-                raise ValidationError(f"{path}: files[{i}].path must be an absolute path without '..', got {p!r}")
-            if not isinstance(f.get("content", ""), str):
-                raise ValidationError(f"{path}: files[{i}].content must be a string")
-            mode = str(f.get("mode", "0644"))
-            if not (len(mode) in (3, 4) and all(c in "01234567" for c in mode)):
-                raise ValidationError(f"{path}: files[{i}].mode must be octal like 0644, got {mode!r}")
-        if not isinstance(cmds, list) or not all(isinstance(c, str) for c in cmds):
-            raise ValidationError(f"{path}: 'commands' must be a list of strings")
-        return cls([{k: str(v) for k, v in f.items()} for f in files], list(cmds))
-
-
 # -- catalog ----------------------------------------------------------------------------------------------
 def image_dir(ctx: Context, name: str) -> Path:
     return ctx.settings.images_dir / name
@@ -157,7 +104,7 @@ def list_images(ctx: Context) -> list[Image]:
     return sorted((_to_image(r) for r in ctx.store.list(KIND)), key=lambda i: i.created)
 
 
-def _check_new_name(ctx: Context, name: str) -> None:
+def check_new_name(ctx: Context, name: str) -> None:
     valid_name(name, "image name")
     if ctx.store.get(KIND, name) is not None or image_dir(ctx, name).exists():
         raise ConflictError(f"an image named {name!r} already exists (remove it first with 'osimg image rm {name}')")
@@ -193,18 +140,18 @@ def _boot_dir(ctx: Context, img: Image) -> Path:
 
 
 def _record_files(d: Path) -> dict[str, str]:
-    return {f.name: storage.sha256(f) for f in sorted(d.iterdir()) if f.is_file() and f.name != "manifest.json"}
+    return {f.name: qemu_img.sha256(f) for f in sorted(d.iterdir()) if f.is_file() and f.name != "manifest.json"}
 
 
-def _finish(ctx: Context, tmp: Path, img: Image) -> Image:
+def finish(ctx: Context, tmp: Path, img: Image) -> Image:
     """Hash, write-protect and publish a prepared image folder, then record it in the catalog."""
     img.files = _record_files(tmp)
-    disk = storage.info(tmp / DISK)
+    disk = qemu_img.info(tmp / DISK)
     img.virtual_size = disk.virtual_size
-    img.allocated_size = sum(storage.allocated_bytes(tmp / f) for f in img.files)
+    img.allocated_size = sum(qemu_img.allocated_bytes(tmp / f) for f in img.files)
     (tmp / "manifest.json").write_text(json.dumps(asdict(img), indent=2))
     for f in tmp.iterdir():
-        storage.write_protect(f)
+        qemu_img.write_protect(f)
     tmp.chmod(0o755)
     final = image_dir(ctx, img.name)
     tmp.rename(final)
@@ -212,74 +159,22 @@ def _finish(ctx: Context, tmp: Path, img: Image) -> Image:
     return img
 
 
-def _staging(ctx: Context, name: str) -> Path:
+def staging(ctx: Context, name: str) -> Path:
     ctx.settings.ensure_dirs()
     tmp = ctx.settings.images_dir / f".tmp-{name}-{uuidlib.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
 
 
-# -- build and capture -------------------------------------------------------------------------------------
-def build(ctx: Context, name: str, source: str, steps: BuildSteps | None = None,
-          progress: Progress = _quiet, boot_timeout: float = 180) -> Image:
-    """Boot a hidden builder from ``source``, run ``steps``, capture disk and memory as ``name``."""
-    from . import partitions  # partitions resolves images through this module
-
-    _check_new_name(ctx, name)
-    src = resolve(ctx, source)
-    if ":" not in source:
-        verify(ctx, source, raise_on_error=True)
-    steps = steps or BuildSteps()
-    builder = f"build-{name}-{uuidlib.uuid4().hex[:6]}"[:63]
-    tmp = _staging(ctx, name)
-    try:
-        progress(f"booting hidden builder {builder} from {source}")
-        g = partitions.create(ctx, builder, source, hidden=True, config_drive=False)
-        partitions.wait_ready(ctx, g, timeout=boot_timeout)
-        with partitions.session(ctx, g) as s:
-            for f in steps.files:
-                progress(f"installing {f['path']}")
-                s.run(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat >"$1" && chmod "$2" "$1"', "-",
-                       f["path"], f.get("mode", "0644")], stdin=f.get("content", ""), check=True)
-            for cmd in steps.commands:
-                progress(f"running {cmd}")
-                res = s.run(["sh", "-c", cmd], timeout=600)
-                if res.rc != 0:
-                    raise GuestError(f"build step {cmd!r} failed with exit code {res.rc}: "
-                                     f"{(res.err or res.out).strip()[-300:]}")
-            # flush the page cache so the disk alone is consistent too (cold boots of this image)
-            s.run(["sync"], check=True)
-        progress("capturing memory state (page out)")
-        ctx.hv.save(builder, str(tmp / STATE))
-        progress("copying the disk into the repository")
-        storage.convert(g.overlay(ctx), tmp / DISK)
-        shutil.copyfile(src.kernel, tmp / "vmlinuz")
-        shutil.copyfile(src.initrd, tmp / "initrd.img")
-        img = Image(
-            name=name, kind="built", parent=None if ":" in source else source, source=source, family=src.family,
-            os_version=src.os_version, files={}, virtual_size=0, allocated_size=0, has_memory_state=True,
-            state_from=name, host_key=src.host_key, cmdline=src.cmdline, memory_mib=g.memory_mib,
-            ready_marker=src.ready_marker, app_port=src.app_port,
-            notes=[f"{len(steps.files)} file(s) installed, {len(steps.commands)} command(s) run"],
-        )
-        # a saved state is only valid for the hardware it was saved with: remember the XML it expects
-        (tmp / "domain.xml").write_text(ctx.hv.saved_xml(str(tmp / STATE)))
-        return _finish(ctx, tmp, img)
-    finally:
-        with contextlib.suppress(OsimgError):
-            partitions.remove(ctx, builder)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def clone(ctx: Context, src_name: str, dst: str) -> Image:
     """Full, independent copy of an image (data and metadata, memory state included)."""
     src = get(ctx, src_name)
-    _check_new_name(ctx, dst)
+    check_new_name(ctx, dst)
     verify(ctx, src_name, raise_on_error=True)
     sdir = image_dir(ctx, src_name)
-    tmp = _staging(ctx, dst)
+    tmp = staging(ctx, dst)
     try:
-        storage.convert(sdir / DISK, tmp / DISK)
+        qemu_img.convert(sdir / DISK, tmp / DISK)
         for f in BOOT_FILES:
             shutil.copyfile(_boot_dir(ctx, src) / f, tmp / f)
         if src.has_memory_state and src.state_from:
@@ -289,7 +184,7 @@ def clone(ctx: Context, src_name: str, dst: str) -> Image:
         img = Image(**{**asdict(src), "name": dst, "kind": "clone", "parent": src_name, "source": src_name,
                        "state_from": dst if src.has_memory_state else None, "created": time.time(),
                        "notes": [f"full copy of {src_name}"]})
-        return _finish(ctx, tmp, img)
+        return finish(ctx, tmp, img)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -297,14 +192,14 @@ def clone(ctx: Context, src_name: str, dst: str) -> Image:
 def snapshot(ctx: Context, src_name: str, dst: str) -> Image:
     """Metadata-only image: an empty qcow2 overlay on the read-only source."""
     src = get(ctx, src_name)
-    _check_new_name(ctx, dst)
+    check_new_name(ctx, dst)
     sdir = image_dir(ctx, src_name)
-    tmp = _staging(ctx, dst)
+    tmp = staging(ctx, dst)
     try:
-        storage.create_overlay(tmp / DISK, sdir / DISK)
+        qemu_img.create_overlay(tmp / DISK, sdir / DISK)
         img = Image(**{**asdict(src), "name": dst, "kind": "snapshot", "parent": src_name, "source": src_name,
                        "created": time.time(), "notes": [f"overlay on {src_name}"]})
-        return _finish(ctx, tmp, img)
+        return finish(ctx, tmp, img)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -314,13 +209,13 @@ def import_disk(ctx: Context, name: str, disk_path: Path, like: str = "tiny:v1")
 
     No builder runs, so there is no memory state; the caller vouches that the disk holds ``like``'s OS.
     """
-    _check_new_name(ctx, name)
+    check_new_name(ctx, name)
     if not disk_path.is_file():
         raise NotFoundError(f"cannot import {disk_path}: no such file")
     src = resolve(ctx, like)
-    tmp = _staging(ctx, name)
+    tmp = staging(ctx, name)
     try:
-        storage.convert(disk_path, tmp / DISK)
+        qemu_img.convert(disk_path, tmp / DISK)
         shutil.copyfile(src.kernel, tmp / "vmlinuz")
         shutil.copyfile(src.initrd, tmp / "initrd.img")
         img = Image(
@@ -330,7 +225,7 @@ def import_disk(ctx: Context, name: str, disk_path: Path, like: str = "tiny:v1")
             ready_marker=src.ready_marker, app_port=src.app_port,
             notes=[f"disk imported from {disk_path}, boots like {like}"],
         )
-        return _finish(ctx, tmp, img)
+        return finish(ctx, tmp, img)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -345,19 +240,19 @@ def verify(ctx: Context, name: str, raise_on_error: bool = False) -> list[str]:
         p = d / fname
         if not p.exists():
             problems.append(f"{fname} is missing")
-        elif storage.sha256(p) != digest:
+        elif qemu_img.sha256(p) != digest:
             problems.append(f"{fname} was modified or truncated (sha256 mismatch)")
         elif p.stat().st_mode & 0o222:
             problems.append(f"{fname} is writable; images must be read-only")
     if not problems:
         try:
-            chain = storage.backing_chain(d / DISK)
+            chain = qemu_img.backing_chain(d / DISK)
             repo = ctx.settings.images_dir.resolve()
             for link in chain:
                 lp = Path(link.path).resolve()
                 if repo not in lp.parents:
                     problems.append(f"backing chain leaves the repository: {link.path}")
-            storage.check(d / DISK)
+            qemu_img.check(d / DISK)
         except StorageError as err:
             problems.append(f"disk check failed: {err}")
     if img.kind == "snapshot" and img.parent:
@@ -366,27 +261,3 @@ def verify(ctx: Context, name: str, raise_on_error: bool = False) -> list[str]:
     if problems and raise_on_error:
         raise StorageError(f"image {name!r} failed verification: {'; '.join(problems)}")
     return problems
-
-
-def dependents(ctx: Context, name: str) -> list[str]:
-    """What would break if ``name`` were removed: child images and guests on it."""
-    from . import partitions
-
-    deps = [f"image {i.name}" for i in list_images(ctx) if i.parent == name and i.kind == "snapshot"]
-    deps += [f"image {i.name} (memory state)" for i in list_images(ctx) if i.state_from == name and i.name != name
-             and i.kind != "snapshot"]
-    deps += [f"guest {g.name}" for g in partitions.all_guests(ctx, hidden=True) if g.image == name]
-    return deps
-
-
-def remove(ctx: Context, name: str) -> None:
-    get(ctx, name)
-    deps = dependents(ctx, name)
-    if deps:
-        raise ConflictError(f"image {name!r} is in use by {', '.join(deps)}; remove those first")
-    d = image_dir(ctx, name)
-    if d.exists():
-        for f in d.iterdir():
-            f.chmod(0o644)
-        shutil.rmtree(d)
-    ctx.store.delete(KIND, name)

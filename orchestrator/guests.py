@@ -1,4 +1,4 @@
-"""Client guests (the design's client LPARs): a private qcow2 overlay on a shared read-only base.
+"""Guests (the design's client LPARs): a private qcow2 overlay on a shared read-only base.
 
 Each guest lives in ``OSIMG_HOME/guests/NAME/``: ``guest.json`` (its record), ``os.qcow2`` (its
 redirect-on-write delta), ``cidata.iso`` (its customization), ``data.qcow2`` (its application
@@ -13,19 +13,26 @@ import json
 import shutil
 import socket
 import time
+import urllib.error
+import urllib.request
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import customize, images, storage
+from . import customize
 from .context import Context
 from .errors import ConflictError, NotFoundError, OsimgError, StorageError, ValidationError
-from .hypervisor import DiskSpec, DomainSpec, NetSpec, wait_for_serial
-from .remote import Session
+from .host import qemu_img
+from .host.console import wait_for_serial
+from .host.domain import DiskSpec, DomainSpec, NetSpec
+from .host.ssh import Session
+from .images import catalog
 from .validate import name as valid_name
 
 DATA_LABEL = "osimg-data"
+DATA_TARGET = "vdc"
+DATA_SERIAL = "osimg-data"
 
 
 @dataclass
@@ -113,9 +120,9 @@ def domain_spec(ctx: Context, g: Guest) -> DomainSpec:
     disks = [DiskSpec("vda", path=str(g.overlay(ctx)))]
     if g.config_drive(ctx).exists():
         disks.append(DiskSpec("vdb", path=str(g.config_drive(ctx)), fmt="raw", readonly=True))
-    data = g.data_volume(ctx)
+    data = data_disk(ctx, g)
     if data is not None:
-        disks.append(DiskSpec("vdc", path=str(data), serial="osimg-data"))
+        disks.append(data)
     custom = g.custom()
     extra = " ".join(custom.kernel_params)
     net = (NetSpec(mode="network", network=g.network, mac=g.mac) if g.network else
@@ -130,10 +137,14 @@ def domain_spec(ctx: Context, g: Guest) -> DomainSpec:
     )
 
 
+def data_disk(ctx: Context, g: Guest) -> DiskSpec | None:
+    """The guest's data volume as a disk (one definition for boot, hot-plug and unplug), or None."""
+    data = g.data_volume(ctx)
+    return DiskSpec(DATA_TARGET, path=str(data), serial=DATA_SERIAL) if data is not None else None
+
+
 def write_customization(ctx: Context, g: Guest) -> None:
-    c = g.custom()
-    if g.data_uuid and not any(m.path == "/data" or m.device == f"UUID={g.data_uuid}" for m in c.mounts):
-        c.mounts.append(customize.Mount(device=f"UUID={g.data_uuid}", path="/data"))
+    c = g.custom().with_data(g.data_uuid)
     customize.write_config_drive(g.config_drive(ctx), customize.render(g.name, c, g.uuid))
 
 
@@ -164,7 +175,7 @@ def create(
         raise ConflictError(f"a guest named {name!r} already exists (remove it with 'osimg guest rm {name}')")
     if ctx.hv.exists(name):
         raise ConflictError(f"libvirt already has a domain named {name!r}; choose another guest name")
-    img = images.resolve(ctx, image)
+    img = catalog.resolve(ctx, image)
     if img.disk.stat().st_mode & 0o222:
         raise StorageError(f"image {image!r}: {img.disk} is writable; images must be immutable (mode 0444)")
     accel = ctx.accel.accel
@@ -181,10 +192,10 @@ def create(
     gdir.mkdir()
     gdir.chmod(0o755)
     try:
-        storage.create_overlay(g.overlay(ctx), img.disk)
+        qemu_img.create_overlay(g.overlay(ctx), img.disk)
         data = g.data_volume(ctx)
         if data is not None and g.data_uuid:
-            storage.make_ext4_volume(data, data_size, DATA_LABEL, g.data_uuid)
+            qemu_img.make_ext4_volume(data, data_size, DATA_LABEL, g.data_uuid)
         if config_drive:
             write_customization(ctx, g)
         g.save(ctx)
@@ -215,8 +226,7 @@ def wait_ready(ctx: Context, g: Guest, timeout: float = 120) -> float:
 
 
 def session(ctx: Context, g: Guest, timeout: float = 60) -> Session:
-    key = ctx.settings.cache / "keys" / "id_ed25519"
-    return Session(g.ssh_port, g.host_key, key, timeout=timeout)
+    return Session(g.ssh_port, g.host_key, ctx.settings.client_key, timeout=timeout)
 
 
 def remove(ctx: Context, name: str) -> None:
@@ -240,7 +250,7 @@ def status(ctx: Context, g: Guest) -> str:
         return "undefined"
 
 
-DISK_TARGETS = {"os": "vda", "data": "vdc"}  # the targets domain_spec gives the two disks
+DISK_TARGETS = {"os": "vda", "data": DATA_TARGET}  # the targets domain_spec gives the two disks
 
 
 def resize(ctx: Context, name: str, disk: str, size: int) -> tuple[int, int]:
@@ -260,7 +270,7 @@ def resize(ctx: Context, name: str, disk: str, size: int) -> tuple[int, int]:
     if size <= 0:
         raise ValidationError(f"invalid size {size} for the {disk} disk of guest {name}: expected a positive size")
     size = -(-size // 512) * 512  # qcow2 sizes are whole sectors
-    old = storage.info(path).virtual_size
+    old = qemu_img.info(path).virtual_size
     if size < old:
         raise ValidationError(f"the {disk} disk of guest {name} is {old} bytes ({old / (1 << 20):.0f} MiB); "
                               f"shrinking it to {size} bytes is refused (only growing is supported)")
@@ -269,5 +279,54 @@ def resize(ctx: Context, name: str, disk: str, size: int) -> tuple[int, int]:
     if ctx.hv.is_active(name):
         ctx.hv.block_resize(name, DISK_TARGETS[disk], size)
     else:
-        storage.resize(path, size)
-    return old, storage.info(path).virtual_size
+        qemu_img.resize(path, size)
+    return old, qemu_img.info(path).virtual_size
+
+
+# -- the guest's application -------------------------------------------------------------------------------
+def app_counter(port: int, timeout: float = 2.0) -> int | None:
+    """Ask the demo application for its counter (each request increments it); None if it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/cgi-bin/counter", timeout=timeout) as r:
+            return int(r.read().decode().split()[0])
+    except (urllib.error.URLError, OSError, ValueError, IndexError, TimeoutError):
+        return None
+
+
+def wait_app(port: int, timeout: float, poll: float = 0.05) -> int | None:
+    """Poll until the application answers. Each request may take up to 3 s: a request given up on
+    keeps running in the guest, and on a slow guest (Debian's CGI forks several processes under
+    TCG) abandoned requests pile up behind the counter's lock faster than they finish."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = app_counter(port, timeout=3.0)
+        if n is not None:
+            return n
+        time.sleep(poll)
+    return None
+
+
+def config_of(g: Guest) -> dict[str, Any]:
+    """What a guest was made with, in the shape ``config_drift`` compares."""
+    return {"image": g.image, "memory_mib": g.memory_mib, "vcpus": g.vcpus, "data_size": g.data_size,
+            "customization": g.customization}
+
+
+def config_drift(recorded: dict[str, Any], wanted: dict[str, Any], only_given: bool = False) -> list[str]:
+    """The one "is it already what was asked for?" rule: readable differences between two configs.
+
+    The fleet compares the spec a guest was made from with the spec now; the Ansible guest module
+    compares an existing guest (``config_of``) with its task, where options not given are None and,
+    with ``only_given``, not compared. ``customization`` is compared field by field.
+    """
+    out = []
+    for k in sorted(set(recorded) | set(wanted)):
+        if only_given and wanted.get(k) is None:
+            continue
+        if k == "customization":
+            a, b = recorded.get(k) or {}, wanted.get(k) or {}
+            out += [f"{ck}: {a.get(ck)!r} -> {b.get(ck)!r}" for ck in sorted(set(a) | set(b))
+                    if a.get(ck) != b.get(ck) and not (only_given and b.get(ck) is None)]
+        elif recorded.get(k) != wanted.get(k):
+            out.append(f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}")
+    return out

@@ -1,33 +1,26 @@
-"""CLI verbs for vios and cluster; registered by cli.build_parser."""
+"""``osimg vios ...`` (VIOS nodes, LUs, exports, attachments) and ``osimg cluster status``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-from .context import Context
-from .vios import attach as attach_mod
-from .vios import failover as failover_mod
-from .vios import lus, node
-
-out = Console()
-
-
-def _emit(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+from ..context import Context
+from ..vios import attach as attach_mod
+from ..vios import failover as failover_mod
+from ..vios import lus, node
+from .common import add, emit_json, out, status
 
 
 def cmd_vios_start(ctx: Context, a: argparse.Namespace) -> int:
     what = "VIOS guest" if a.as_guest else "VIOS node"
-    with out.status(f"starting {what} {a.name}", spinner="dots") if not a.json else _Null():
+    with status(a, f"starting {what} {a.name}"):
         info = node.start(ctx, a.name, as_guest=a.as_guest, ttl=a.ttl, slots=a.slots)
     if a.json:
-        _emit(asdict(info))
+        emit_json(asdict(info))
     else:
         extra = f", domain {info.domain}" if info.domain else ""
         out.print(f"{what} {a.name} ready: node {info.node_id}, daemon pid {info.pid}, "
@@ -38,7 +31,7 @@ def cmd_vios_start(ctx: Context, a: argparse.Namespace) -> int:
 def cmd_vios_stop(ctx: Context, a: argparse.Namespace) -> int:
     was = node.stop(ctx, a.name)
     if a.json:
-        _emit({"name": a.name, "stopped": was})
+        emit_json({"name": a.name, "stopped": was})
     else:
         out.print(f"VIOS node {a.name} {'stopped' if was else 'was not running'}")
     return 0
@@ -47,7 +40,7 @@ def cmd_vios_stop(ctx: Context, a: argparse.Namespace) -> int:
 def cmd_vios_list(ctx: Context, a: argparse.Namespace) -> int:
     rows = node.list_nodes(ctx)
     if a.json:
-        _emit(rows)
+        emit_json(rows)
         return 0
     t = Table("name", "kind", "node", "state", "cluster", "primary", "pid", "backend", "exports", title="VIOS nodes")
     for r in rows:
@@ -59,20 +52,21 @@ def cmd_vios_list(ctx: Context, a: argparse.Namespace) -> int:
 
 def cmd_lu_add(ctx: Context, a: argparse.Namespace) -> int:
     lu = lus.define_lu(ctx, a.name, a.path, a.role, readonly=a.readonly)
-    _emit(asdict(lu)) if a.json else out.print(f"LU {lu.name}: {lu.path} ({lu.role}, {'ro' if lu.readonly else 'rw'})")
+    mode = "ro" if lu.readonly else "rw"
+    emit_json(asdict(lu)) if a.json else out.print(f"LU {lu.name}: {lu.path} ({lu.role}, {mode})")
     return 0
 
 
 def cmd_lu_rm(ctx: Context, a: argparse.Namespace) -> int:
     lus.delete_lu(ctx, a.name)
-    _emit({"deleted": a.name}) if a.json else out.print(f"LU {a.name} deleted")
+    emit_json({"deleted": a.name}) if a.json else out.print(f"LU {a.name} deleted")
     return 0
 
 
 def cmd_export(ctx: Context, a: argparse.Namespace) -> int:
     exp = lus.export_lu(ctx, a.lu, a.node, standby=True if a.standby else None)
     if a.json:
-        _emit(asdict(exp))
+        emit_json(asdict(exp))
     else:
         where = exp.socket or (f"127.0.0.1:{exp.port}" if exp.port else "-")
         out.print(f"LU {exp.lu} on node {exp.node}: {exp.status} ({where})")
@@ -81,7 +75,7 @@ def cmd_export(ctx: Context, a: argparse.Namespace) -> int:
 
 def cmd_unexport(ctx: Context, a: argparse.Namespace) -> int:
     lus.unexport(ctx, a.lu, a.node)
-    _emit({"unexported": a.lu, "node": a.node}) if a.json else out.print(f"node {a.node} no longer exports {a.lu}")
+    emit_json({"unexported": a.lu, "node": a.node}) if a.json else out.print(f"node {a.node} no longer exports {a.lu}")
     return 0
 
 
@@ -96,7 +90,7 @@ def cmd_attach(ctx: Context, a: argparse.Namespace) -> int:
     att = attach_mod.attach(ctx, a.guest, a.lu, nodes=a.node or None, via=a.via)
     row = _att_row(att)
     if a.json:
-        _emit(row)
+        emit_json(row)
     else:
         out.print(f"LU {att.lu} attached to {att.guest} as SCSI LUN {att.unit} through {', '.join(row['nodes'])} "
                   f"(client {att.client_id}, adapter {att.adapter_id}, {att.mode})")
@@ -105,13 +99,13 @@ def cmd_attach(ctx: Context, a: argparse.Namespace) -> int:
 
 def cmd_detach(ctx: Context, a: argparse.Namespace) -> int:
     attach_mod.detach(ctx, a.guest, a.lu)
-    _emit({"detached": a.lu, "guest": a.guest}) if a.json else out.print(f"LU {a.lu} detached from {a.guest}")
+    emit_json({"detached": a.lu, "guest": a.guest}) if a.json else out.print(f"LU {a.lu} detached from {a.guest}")
     return 0
 
 
 def cmd_failover(ctx: Context, a: argparse.Namespace) -> int:
     att = failover_mod.failover(ctx, a.guest, a.lu)
-    _emit(_att_row(att)) if a.json else out.print(f"{att.guest}/{att.lu} now through "
+    emit_json(_att_row(att)) if a.json else out.print(f"{att.guest}/{att.lu} now through "
                                                  f"{', '.join(p.node for p in att.connected())}")
     return 0
 
@@ -128,7 +122,7 @@ def cluster_status(ctx: Context) -> dict[str, Any]:
 def cmd_cluster_status(ctx: Context, a: argparse.Namespace) -> int:
     st = cluster_status(ctx)
     if a.json:
-        _emit(st)
+        emit_json(st)
         return 0
     out.print(f"[bold]store[/]: {st['store']}   [bold]primary[/]: node {st['primary']}")
     t = Table("id", "name", "state", "address", "ttl", title="nodes")
@@ -149,17 +143,8 @@ def cmd_cluster_status(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def register(sub: Any, add: Any) -> None:
-    """Add this module's verbs to the top-level subparsers with ``add`` (see cli.add)."""
-    vios = sub.add_parser("vios", help="VIOS storage-server nodes").add_subparsers(dest="sub", required=True)
+def register(nouns: dict[str, Any]) -> None:
+    vios = nouns["vios"]
     s = add(vios, "start", cmd_vios_start, "start a VIOS node daemon (host service, or a VIOS guest)")
     s.add_argument("name")
     s.add_argument("--as-guest", action="store_true", help="serve from a VIOS guest domain instead of the host")
@@ -191,5 +176,5 @@ def register(sub: Any, add: Any) -> None:
         d = add(vios, verb, fn, what)
         d.add_argument("guest")
         d.add_argument("lu")
-    cluster = sub.add_parser("cluster", help="the VIOS cluster").add_subparsers(dest="sub", required=True)
+    cluster = nouns["cluster"]
     add(cluster, "status", cmd_cluster_status, "nodes, primary, clients, adapters, LUs, reservations, attachments")

@@ -11,12 +11,11 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import StorageError
+from ..errors import StorageError
 
 CHUNK = 4 << 20
 
@@ -127,47 +126,3 @@ def allocated_bytes(path: str | Path) -> int:
 
 def write_protect(path: Path) -> None:
     path.chmod(0o444)
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel kills it when the process that started it dies.
-
-    A VIOS node's storage daemon must not outlive the node that heartbeats for it, or it would go on
-    serving LUs whose reservations already lapsed with the node's lease.
-    """
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def start_storage_daemon(qmp_socket: Path, pidfile: Path, log: Path) -> subprocess.Popen[bytes]:
-    """Start ``qemu-storage-daemon`` with only a QMP monitor on a unix socket; exports are added over QMP.
-
-    The daemon dies with the calling process. Returns once the monitor socket exists.
-    """
-    qmp_socket.unlink(missing_ok=True)
-    args = [
-        "qemu-storage-daemon",
-        "--chardev", f"socket,id=qmp0,path={qmp_socket},server=on,wait=off",
-        "--monitor", "chardev=qmp0",
-        "--pidfile", str(pidfile),
-    ]
-    try:
-        with open(log, "ab") as logf:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent)
-    except FileNotFoundError:
-        raise StorageError("qemu-storage-daemon is not installed (Debian package qemu-system-common)") from None
-    deadline = time.monotonic() + 10
-    while not qmp_socket.exists():
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-            raise StorageError(f"qemu-storage-daemon exited with {proc.returncode}: {' '.join(tail)} (log {log})")
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise StorageError(f"qemu-storage-daemon did not open its monitor {qmp_socket} within 10 s (log {log})")
-        time.sleep(0.01)
-    return proc

@@ -18,7 +18,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .errors import GuestError
+from ..errors import GuestError
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Fleets: many guests declared in one YAML spec, each a private overlay on a shared read-only base.
+"""Fleet specs: many guests declared in one YAML file, loaded and validated once (``reconcile`` acts on them).
 
 The spec (README "Fleet spec", ``examples/fleet.yaml``) names the libvirt host, the networks and,
 per guest, the image, memory, vCPUs, data volume and customization. It is loaded and validated once:
@@ -15,27 +15,20 @@ finds guests dropped from the spec since ``up`` and never removes a guest the fl
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import ipaddress
-import os
 import re
-import socket
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import images, partitions, recipes, storage
-from .context import Context
-from .customize import Customization, Mount, User
-from .errors import ConflictError, GuestError, NotFoundError, OsimgError, ValidationError
-from .hypervisor import wait_for_serial
-from .validate import NAME_RE
-from .validate import name as valid_name
+from .. import recipes
+from ..context import Context
+from ..customize import Customization, Mount, User
+from ..errors import NotFoundError, OsimgError, ValidationError
+from ..images import catalog
+from ..validate import NAME_RE, load_yaml_file, parse_size
+from ..validate import name as valid_name
 
 KIND = "fleet"
 USER = "user"
@@ -43,9 +36,6 @@ LIBVIRT = "libvirt"
 DEFAULT_NETWORK = "user"
 DEFAULT_SUBNET = "10.0.2.0/24"
 URI_RE = re.compile(r"^[a-z][a-z0-9+]*://[^\s]*$")
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt])?(?:i?b)?\s*$", re.IGNORECASE)
-LOCK_WAIT = 10.0  # seconds another up/down of the same fleet may hold it before we give up
-UNITS = {None: 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 TOP_KEYS = ("name", "uri", "networks", "defaults", "guests")
 NETWORK_KEYS = ("mode", "subnet", "gateway", "network")
@@ -55,13 +45,6 @@ GUEST_KEYS = ("name", "hostname", "ip", *SHARED_KEYS)
 USER_KEYS = ("name", "uid", "groups", "shell", "ssh_authorized_keys")
 MOUNT_KEYS = ("device", "path", "fstype", "options")
 DATA_KEYS = ("size", "mount")
-
-Progress = Callable[[str], None]
-
-
-def _quiet(_msg: str) -> None:
-    return None
-
 
 # -- the spec ------------------------------------------------------------------------------------------
 @dataclass
@@ -115,24 +98,6 @@ class FleetSpec:
         raise NotFoundError(f"{self.path}: no guest named {name!r} in fleet {self.name}")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys without a word; a spec must not say a thing twice."""
-
-
-def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
-
-
 class _Reader:
     """Type checks that turn into errors naming the file and the key."""
 
@@ -175,13 +140,10 @@ class _Reader:
 
     def size(self, value: Any, key: str, lo: int, hi: int) -> int:
         """A size in bytes from ``256M``, ``1.5G``, ``512k`` or a plain number of MiB."""
-        m = SIZE_RE.match(str(value)) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-        if m is None:
-            raise self.error(key, f"expected a size such as 256M or 2G (a plain number means MiB), got {value!r}")
-        n = int(float(m.group(1)) * UNITS[m.group(2).lower() if m.group(2) else None])
-        if not lo <= n <= hi:
-            raise self.error(key, f"{value!r} is outside {_human(lo)}..{_human(hi)}")
-        return n
+        try:
+            return parse_size(value, "size", lo, hi)
+        except ValidationError as err:
+            raise self.error(key, str(err)) from None
 
 
 def _kind(value: Any) -> str:
@@ -190,26 +152,11 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:80]
 
 
-def _human(n: int) -> str:
-    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return f"{n / (1 << 20):.1f}M"
-
-
 def load(path: str | Path, ctx: Context | None = None) -> FleetSpec:
     """Read and validate a fleet spec. With ``ctx``, image names are also checked against the catalog."""
     p = Path(path)
     r = _Reader(p)
-    try:
-        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except OSError as err:
-        raise ValidationError(f"{p}: cannot read the fleet spec: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ValidationError(f"{p}: malformed YAML{where}: {problem}") from None
+    data = load_yaml_file(p, "fleet spec")
     top = r.mapping(data, "", TOP_KEYS, required=("guests",))
     name = top.get("name", p.stem)
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -463,281 +410,7 @@ def check_images(ctx: Context, spec: FleetSpec) -> None:
             continue
         if g.image not in known:
             try:
-                images.get(ctx, g.image)
+                catalog.get(ctx, g.image)
                 known[g.image] = True
             except NotFoundError as err:
                 raise ValidationError(f"{spec.path}: guests[{i}].image: unknown image {g.image!r} ({err})") from None
-
-
-# -- the host side ----------------------------------------------------------------------------------------
-@dataclass
-class GuestAction:
-    """What up/down did (or found) for one guest."""
-
-    name: str
-    action: str  # created | started | resumed | unchanged | removed | absent | kept
-    detail: str = ""
-    ready_seconds: float | None = None
-
-
-@dataclass
-class FleetResult:
-    fleet: str
-    actions: list[GuestAction]
-
-    @property
-    def changed(self) -> bool:
-        return any(a.action in ("created", "started", "resumed", "removed") for a in self.actions)
-
-    def summary(self) -> str:
-        counts: dict[str, int] = {}
-        for a in self.actions:
-            counts[a.action] = counts.get(a.action, 0) + 1
-        what = ", ".join(f"{n} {action}" for action, n in counts.items())
-        return f"fleet {self.fleet}: {what}" + ("" if self.changed else "; nothing to do")
-
-
-def context_for(ctx: Context, spec: FleetSpec) -> Context:
-    """A context driving the spec's libvirt host (``ctx`` itself when it already does)."""
-    if not spec.uri or spec.uri == ctx.settings.uri:
-        return ctx
-    return Context(replace(ctx.settings, uri=spec.uri))
-
-
-def members(ctx: Context, fleet: str) -> dict[str, dict[str, Any]]:
-    """The guests a fleet created, with the spec each was made from."""
-    rec = ctx.store.get(KIND, fleet)
-    return dict(rec.get("guests", {})) if rec else {}
-
-
-def _owner(ctx: Context, guest: str) -> str | None:
-    for name, rec in ctx.store.items(KIND):
-        if guest in rec.get("guests", {}):
-            return name
-    return None
-
-
-def _record(ctx: Context, spec: FleetSpec, guest: str, config: dict[str, Any] | None) -> None:
-    """Add (config given) or drop (None) one guest in the fleet's record; the record goes when empty."""
-
-    def upd(rec: dict[str, Any] | None) -> dict[str, Any] | None:
-        out = dict(rec or {"guests": {}})
-        out["spec"] = str(spec.path.resolve())
-        out["uri"] = ctx.settings.uri
-        guests = dict(out.get("guests", {}))
-        if config is None:
-            guests.pop(guest, None)
-        else:
-            guests[guest] = config
-        out["guests"] = guests
-        return out if guests else None
-
-    ctx.store.update(KIND, spec.name, upd)
-
-
-def _holder() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"[:63]
-
-
-def drift(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Human-readable differences between the spec a guest was made from and the spec now."""
-    out = []
-    for k in sorted(set(recorded) | set(wanted)):
-        if k == "customization":
-            a, b = recorded.get(k) or {}, wanted.get(k) or {}
-            out += [f"{ck}: {a.get(ck)!r} -> {b.get(ck)!r}" for ck in sorted(set(a) | set(b)) if a.get(ck) != b.get(ck)]
-        elif recorded.get(k) != wanted.get(k):
-            out.append(f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}")
-    return out
-
-
-def plan_up(ctx: Context, spec: FleetSpec, prune: bool = False) -> FleetResult:
-    """What ``up`` would do to each guest, refused for the reasons ``up`` refuses; changes nothing.
-
-    Refused (ConflictError naming every problem): a guest whose spec changed since the fleet made
-    it (rebuilding would discard its overlay; ``osimg guest resize`` grows disks), a guest or
-    libvirt domain of the same name that the fleet did not create. Unknown images: ValidationError.
-    """
-    check_images(ctx, spec)
-    mine = members(ctx, spec.name)
-    actions: list[GuestAction] = []
-    problems: list[str] = []
-    for gs in spec.guests:
-        exists = (ctx.settings.guests_dir / gs.name / "guest.json").exists()
-        if gs.name in mine and exists:
-            diffs = drift(mine[gs.name], gs.config())
-            if diffs:
-                problems.append(f"guest {gs.name} differs from the spec ({'; '.join(diffs)})")
-            state = ctx.hv.state(gs.name) if ctx.hv.exists(gs.name) else "undefined"
-            if state == "running":
-                actions.append(GuestAction(gs.name, "unchanged", "running"))
-            elif state == "paused":
-                actions.append(GuestAction(gs.name, "resumed", "was paused"))
-            else:
-                actions.append(GuestAction(gs.name, "started", f"was {state}"))
-        elif exists:
-            owner = _owner(ctx, gs.name)
-            by = f"fleet {owner}" if owner else "'osimg guest create' or another tool"
-            problems.append(f"guest {gs.name} already exists, created by {by}; remove it or rename the "
-                            f"guest in the spec")
-        elif ctx.hv.exists(gs.name):
-            problems.append(f"libvirt already has a domain named {gs.name!r} that osimg does not manage")
-        else:
-            actions.append(GuestAction(gs.name, "created", f"overlay on {gs.image}"))
-    if problems:
-        raise ConflictError(f"{spec.path}: {'; '.join(problems)}. Nothing was changed; to rebuild a guest "
-                            f"from the new spec, remove it first ('osimg guest rm NAME') and run up again")
-    for name in sorted(set(mine) - {g.name for g in spec.guests}):
-        actions.append(GuestAction(name, "removed", "no longer in the spec") if prune else
-                       GuestAction(name, "kept", "no longer in the spec; 'fleet up --prune' removes it"))
-    return FleetResult(spec.name, actions)
-
-
-def up(ctx: Context, spec: FleetSpec, wait: bool = True, prune: bool = False, timeout: float = 180,
-       progress: Progress = _quiet) -> FleetResult:
-    """Create what is missing, start what is stopped; a spec the host already matches changes nothing.
-
-    Everything is checked (``plan_up``) before the first change. With ``prune``, guests the fleet
-    created that are no longer in the spec are removed; without, they are reported and kept.
-    """
-    with ctx.store.lock(f"fleet-{spec.name}", _holder(), ttl=60, wait=LOCK_WAIT):
-        res = plan_up(ctx, spec, prune)
-        new = [spec.guest(a.name) for a in res.actions if a.action == "created"]
-        for image in dict.fromkeys(gs.image for gs in new):
-            progress(f"resolving image {image}")
-            images.resolve(ctx, image)
-        for a in res.actions:
-            if a.action == "created":
-                progress(f"creating {a.name} on an overlay of {spec.guest(a.name).image}")
-                _create(ctx, spec, spec.guest(a.name))
-            elif a.action == "resumed":
-                progress(f"resuming {a.name}")
-                ctx.hv.resume(a.name)
-            elif a.action == "started":
-                progress(f"starting {a.name}")
-                partitions.start(ctx, partitions.load(ctx, a.name))
-            elif a.action == "removed":
-                progress(f"removing {a.name} (no longer in the spec)")
-                _remove(ctx, spec, a.name)
-    if wait:
-        _wait(ctx, spec, [a for a in res.actions if a.action in ("created", "started")], timeout, progress)
-    return res
-
-
-def _create(ctx: Context, spec: FleetSpec, gs: GuestSpec) -> None:
-    """One guest: overlay, data volume, config drive naming the data volume by UUID, then boot."""
-    net = spec.networks[gs.network]
-    # recorded first, so a failure half-way leaves nothing that 'down' would not find
-    _record(ctx, spec, gs.name, gs.config())
-    try:
-        g = partitions.create(
-            ctx, gs.name, gs.image, custom=gs.custom, memory_mib=gs.memory_mib, vcpus=gs.vcpus,
-            data_size=gs.data.size if gs.data else 0,
-            network=net.libvirt_network if net.mode == LIBVIRT else None, start=False, config_drive=False,
-        )
-    except BaseException:
-        _record(ctx, spec, gs.name, None)
-        raise
-    try:
-        custom = Customization.from_dict(g.customization)
-        if gs.data is not None and g.data_uuid:
-            custom.mounts.append(Mount(device=f"UUID={g.data_uuid}", path=gs.data.mount))
-        g.customization = custom.to_dict()
-        g.save(ctx)
-        partitions.write_customization(ctx, g)
-        partitions.start(ctx, g)
-    except BaseException:
-        _remove(ctx, spec, gs.name)
-        raise
-
-
-def _remove(ctx: Context, spec: FleetSpec, name: str) -> None:
-    with contextlib.suppress(NotFoundError):
-        partitions.remove(ctx, name)
-    _record(ctx, spec, name, None)
-
-
-def _wait(ctx: Context, spec: FleetSpec, actions: list[GuestAction], timeout: float, progress: Progress) -> None:
-    """Wait for all booting guests at once; SSH through the forward where there is one."""
-    if not actions:
-        return
-    progress(f"waiting for {len(actions)} guest(s) to be ready")
-
-    def ready(a: GuestAction) -> float:
-        g = partitions.load(ctx, a.name)
-        if g.network:
-            return wait_for_serial(g.console(ctx), g.ready_marker, timeout, lambda: ctx.hv.is_active(g.name))
-        return partitions.wait_ready(ctx, g, timeout=timeout)
-
-    _ = ctx.hv.conn  # connect once, before the threads share the connection
-    failures = []
-    with ThreadPoolExecutor(max_workers=len(actions)) as pool:
-        futures = [(a, pool.submit(ready, a)) for a in actions]
-        for a, fut in futures:
-            try:
-                a.ready_seconds = fut.result()
-            except OsimgError as err:
-                failures.append(f"{a.name}: {err}")
-    if failures:
-        raise GuestError(f"fleet {spec.name}: {len(failures)} guest(s) did not become ready: {'; '.join(failures)} "
-                         f"(they are left as they are for inspection; 'osimg fleet down' removes them)")
-
-
-def plan_down(ctx: Context, spec: FleetSpec) -> FleetResult:
-    """What ``down`` would do to each guest; changes nothing."""
-    mine = members(ctx, spec.name)
-    actions = []
-    for name in [g.name for g in spec.guests] + sorted(set(mine) - {g.name for g in spec.guests}):
-        exists = (ctx.settings.guests_dir / name).exists() or ctx.hv.exists(name)
-        if name in mine:
-            actions.append(GuestAction(name, "removed") if exists else GuestAction(name, "absent", "already gone"))
-        elif exists:
-            actions.append(GuestAction(name, "kept", "not created by this fleet; 'osimg guest rm' removes it"))
-        else:
-            actions.append(GuestAction(name, "absent"))
-    return FleetResult(spec.name, actions)
-
-
-def down(ctx: Context, spec: FleetSpec, progress: Progress = _quiet) -> FleetResult:
-    """Remove the fleet's guests (those in the spec and those the fleet created since) and their files.
-
-    Each guest's overlay, config drive and data volume go with it; the shared base stays. A guest
-    of the same name that the fleet did not create is left alone and reported as ``kept``.
-    """
-    with ctx.store.lock(f"fleet-{spec.name}", _holder(), ttl=60, wait=LOCK_WAIT):
-        res = plan_down(ctx, spec)
-        mine = members(ctx, spec.name)
-        for a in res.actions:
-            if a.action == "removed":
-                progress(f"removing {a.name}")
-                _remove(ctx, spec, a.name)
-            elif a.name in mine:
-                _record(ctx, spec, a.name, None)  # gone behind the fleet's back: forget it
-    return res
-
-
-def status(ctx: Context, spec: FleetSpec) -> list[dict[str, Any]]:
-    """One row per guest of the spec or the fleet record: state, address, disks, drift."""
-    mine = members(ctx, spec.name)
-    rows = []
-    for name in [g.name for g in spec.guests] + sorted(set(mine) - {g.name for g in spec.guests}):
-        in_spec = any(g.name == name for g in spec.guests)
-        row: dict[str, Any] = {"name": name, "in_spec": in_spec, "member": name in mine, "state": "absent",
-                               "image": None, "address": None, "ssh_port": None, "overlay_bytes": None,
-                               "base": None, "data_bytes": None, "drift": []}
-        if in_spec:
-            gs = spec.guest(name)
-            row.update(image=gs.image, address=gs.custom.address)
-            if name in mine:
-                row["drift"] = drift(mine[name], gs.config())
-        try:
-            g = partitions.load(ctx, name)
-        except NotFoundError:
-            rows.append(row)
-            continue
-        data = g.data_volume(ctx)
-        row.update(state=partitions.status(ctx, g), image=g.image, base=g.base, ssh_port=g.ssh_port,
-                   address=g.custom().address, overlay_bytes=storage.allocated_bytes(g.overlay(ctx)),
-                   data_bytes=storage.allocated_bytes(data) if data is not None and data.exists() else None)
-        rows.append(row)
-    return rows

@@ -1,0 +1,71 @@
+"""``osimg doctor`` (host checks) and ``osimg demo`` (the whole life cycle end to end)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from typing import Any
+
+from rich.table import Table
+
+from .. import demo, doctor
+from ..context import Context
+from .common import add, emit_json, out
+
+
+def register(nouns: dict[str, Any]) -> None:
+    d = add(nouns["_top"], "doctor", cmd_doctor, "check the host: versions, accelerator, permissions, disk")
+    d.add_argument("--reprobe", action="store_true", help="probe KVM again instead of using the cached result")
+    dm = add(nouns["_top"], "demo", cmd_demo, "run the whole life cycle end to end and report it")
+    dm.add_argument("--keep", action="store_true", help="leave the guests and images for inspection")
+
+
+def cmd_doctor(ctx: Context, a: argparse.Namespace) -> int:
+    rep = doctor.run(ctx.settings, ctx.hv, reprobe=a.reprobe)
+    if a.json:
+        emit_json({"ok": rep.ok, "versions": rep.versions, "accel": rep.accel,
+                   "checks": [asdict(c) for c in rep.checks], "home": str(ctx.settings.home)})
+        return 0 if rep.ok else 1
+    for k, v in rep.versions.items():
+        out.print(f"[bold]{k}[/]: {v}")
+    out.print(f"[bold]accelerator[/]: {rep.accel['label']} — {rep.accel['reason']}")
+    for c in rep.checks:
+        mark = "[green]ok[/]" if c.ok else "[red]FAIL[/]"
+        out.print(f"{mark} {c.name}: {c.detail}")
+    return 0 if rep.ok else 1
+
+
+def cmd_demo(ctx: Context, a: argparse.Namespace) -> int:
+    if a.json:
+        rep = demo.run(ctx, keep=a.keep)
+        emit_json(demo.as_dict(rep))
+        return 0 if rep.ok else 1
+    with out.status("osimg demo", spinner="dots") as st:
+        def progress(msg: str) -> None:
+            out.log(msg)
+            st.update(msg)
+
+        rep = demo.run(ctx, keep=a.keep, progress=progress)
+    out.print(f"accelerator: {rep.accel}; cluster store: {rep.store}")
+    t = Table("guest", "hostname", "OS before", "OS after", "downtime", "counter before", "counter after",
+              "overlay", "result", title="rolling warm swap v1 -> v2")
+    for g in rep.guests:
+        t.add_row(g.guest, g.hostname or "-", g.old_version, g.new_version or "-",
+                  f"{g.downtime:.2f}s" if g.downtime is not None else "-", str(g.counter_before),
+                  str(g.counter_after), f"{g.overlay_bytes / (1 << 20):.1f} MiB",
+                  "ok" if g.ok else (g.error or "FAILED"))
+    out.print(t)
+    lt = Table("image", "kind", "built from", "OS", "memory state", title="image lineage")
+    for i in rep.lineage:
+        lt.add_row(i["name"], i["kind"], i["source"], i["os_version"], "yes" if i["memory_state"] else "no")
+    out.print(lt)
+    out.print("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in rep.phases.items()))
+    if rep.kept:
+        out.print("--keep: the guests and images are still there ('osimg guest list', 'osimg image list')")
+    elif rep.leftovers:
+        out.print(f"[red]left behind:[/] {', '.join(rep.leftovers)}")
+    else:
+        out.print("everything the demo created was removed")
+    return 0 if rep.ok else 1
+
+

@@ -1,0 +1,1 @@
+"""Fleets: ``spec`` (the YAML file, loaded and validated once) and ``reconcile`` (up, down, status, drift)."""

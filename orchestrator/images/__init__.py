@@ -1,0 +1,1 @@
+"""The image repository: ``catalog`` (records, clone, snapshot, verify) and ``lifecycle`` (build, remove)."""

@@ -1,0 +1,104 @@
+"""The warm swap (the design's invention): page the new OS's captured memory state in, no boot at all.
+
+See ``swap/__init__.py`` for the whole story and what libvirt taught us.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict
+
+from .. import guests
+from ..context import Context
+from ..customize import live_script
+from ..errors import GuestError, OsimgError, SwapError
+from ..host import qemu_img
+from ..host.domain import retarget_saved_state, rewrite_identity
+from ..images import catalog
+from ..process import Progress, holder_id
+from . import journal
+from .steps import (
+    PAGEIN_FILE,
+    RELEASE_DATA,
+    ROLLBACK_SNAPSHOT,
+    SwapResult,
+    finish,
+    guest_sh,
+    health,
+    moved,
+    new_overlay_name,
+    roll_back,
+    step,
+)
+
+
+def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResult, progress: Progress,
+          health_timeout: float) -> None:
+    t0 = time.monotonic()
+    gdir = g.dir(ctx)
+    old = guests.Guest(**asdict(g))
+    new_overlay = new_overlay_name(target.ref)
+    if target.state_file is None:
+        raise SwapError(f"image {target.ref} has no memory state")
+    # everything that costs time happens before the application stops
+    progress(f"{g.name}: preparing page-in of {target.ref}")
+    qemu_img.create_overlay(gdir / new_overlay, target.disk)
+    new = moved(g, target, new_overlay)
+    spec = guests.domain_spec(ctx, new)
+    saved_xml = ctx.hv.saved_xml(str(target.state_file))
+    retarget_saved_state(target.state_file, gdir / PAGEIN_FILE, rewrite_identity(saved_xml, spec))
+    res.counter_before = guests.app_counter(g.app_port)
+    journal.write(ctx, g.name, guest=g.name, strategy="warm", step="prepared", from_image=g.image, to_image=target.ref,
+             old=asdict(old), new=asdict(new), holder=holder_id(), started=time.time())
+    step(res, "prepare", t0)
+
+    down = time.monotonic()
+    try:
+        progress(f"{g.name}: quiesce")
+        # The old OS lets go of the data volume first: its page cache of /data must not survive
+        # into a rollback after the new OS has written there.
+        journal.write(ctx, g.name, step="releasing")
+        guest_sh(ctx, g, RELEASE_DATA, "stopping the application and unmounting /data", timeout=60)
+        data_disk = guests.data_disk(ctx, g)
+        if data_disk is not None:
+            ctx.hv.detach_disk(g.name, data_disk)
+        journal.write(ctx, g.name, step="released")
+        if ctx.hv.agent_ping(g.name):
+            with contextlib.suppress(OsimgError):
+                ctx.hv.fs_freeze(g.name)
+        ctx.hv.suspend(g.name)
+        journal.write(ctx, g.name, step="quiesced")
+        step(res, "quiesce", t0)
+        progress(f"{g.name}: page out old OS")
+        ctx.hv.snapshot_create(g.name, ROLLBACK_SNAPSHOT)
+        journal.write(ctx, g.name, step="paged-out")
+        step(res, "page-out", t0)
+        progress(f"{g.name}: page in {target.ref}")
+        ctx.hv.destroy(g.name)
+        ctx.hv.restore(str(gdir / PAGEIN_FILE))
+        journal.write(ctx, g.name, step="paged-in")
+        step(res, "page-in", t0)
+        if data_disk is not None:
+            ctx.hv.attach_disk(g.name, data_disk)
+        step(res, "attach", t0)
+        # the golden state's clock stopped at capture time
+        with contextlib.suppress(OsimgError):
+            ctx.hv.agent(g.name, "guest-set-time", {"time": time.time_ns()}, timeout=5)
+        progress(f"{g.name}: customize and start the application")
+        guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid), "live customization")
+        journal.write(ctx, g.name, step="customized")
+        step(res, "customize", t0)
+        first = (guests.wait_app(new.app_port, timeout=health_timeout, poll=0.02)
+                 if res.counter_before is not None else 0)
+        res.downtime = round(time.monotonic() - down, 3)
+        if first is None:
+            raise GuestError(f"{g.name}: the application does not answer on the new OS")
+        res.counter_after = health(ctx, new, target.os_version, res.counter_before, health_timeout)
+        step(res, "health", t0)
+    except OsimgError as err:
+        roll_back(ctx, res, old, new_overlay, err, progress)
+        return
+    finish(ctx, res, old, new, t0)
+
+
