@@ -33,6 +33,11 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["OSIMG_HOME"] = str(HOME)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that need no QEMU first: they take seconds and catch a broken module before any guest boots."""
+    items.sort(key=lambda item: item.get_closest_marker("guest") is not None)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     ctx = Context.from_env(home=str(HOME))
     try:

@@ -89,6 +89,23 @@ class Attachment:
         return asdict(self)
 
     @classmethod
+    def new(cls, guest: str, lu: str, client_id: int, adapter_id: int, mode: str, readonly: bool,
+            via: str) -> Attachment:
+        """A fresh attachment; its QEMU device and quorum node names follow from the two IDs."""
+        return cls(guest, lu, client_id, adapter_id, mode, readonly, via, device=f"vios-{client_id}-{adapter_id}",
+                   quorum=f"vios{client_id}x{adapter_id}q")
+
+    def quorum_blockdev(self) -> dict[str, Any]:
+        """The quorum node over every connected path (threshold 1: any live path serves reads and writes)."""
+        return {"driver": "quorum", "node-name": self.quorum, "vote-threshold": 1, "read-pattern": "fifo",
+                "read-only": self.readonly, "children": [p.blockdev for p in self.connected()]}
+
+    def scsi_device(self, drive: str) -> dict[str, Any]:
+        """The guest's virtio-scsi disk at LUN ``unit``; I/O errors pause the guest until a path is back."""
+        return {"driver": "scsi-hd", "bus": "scsi0.0", "scsi-id": 0, "lun": self.unit, "drive": drive,
+                "id": self.device, "werror": "stop", "rerror": "stop"}
+
+    @classmethod
     def from_record(cls, rec: Record) -> Attachment:
         paths = [Path_(**p) for p in rec.get("paths", [])]
         return cls(**{**{k: v for k, v in rec.items() if k in cls.__dataclass_fields__}, "paths": paths})
@@ -170,8 +187,7 @@ def attach(
     mode = SHARED_READ if lu.readonly else EXCLUSIVE
     cid = ctx.store.allocate_client_id(guest)
     aid = ctx.store.allocate_adapter_id(cid, lu.name)
-    att = Attachment(guest, lu.name, cid, aid, mode, lu.readonly, via, device=f"vios-{cid}-{aid}",
-                     quorum=f"vios{cid}x{aid}q")
+    att = Attachment.new(guest, lu.name, cid, aid, mode, lu.readonly, via)
     # reserve before touching QEMU: a refused writer must leave nothing behind
     use = serving if lu.readonly and via == "qmp" else (serving or standby)[:1]
     reserved: list[str] = []
@@ -191,13 +207,11 @@ def attach(
             for p in att.paths:
                 if p.node in reserved:
                     add_blockdev(ctx, att, p)
-            qmp(ctx, guest, "blockdev-add", driver="quorum", **{"node-name": att.quorum, "vote-threshold": 1,
-                "read-pattern": "fifo", "read-only": lu.readonly}, children=[p.blockdev for p in att.connected()])
+            qmp(ctx, guest, "blockdev-add", **att.quorum_blockdev())
             att.next_child = len(att.connected())
             for i, p in enumerate(att.connected()):
                 p.child = f"children.{i}"
-            qmp(ctx, guest, "device_add", driver="scsi-hd", bus="scsi0.0", id=att.device, drive=att.quorum,
-                **{"scsi-id": 0, "lun": att.unit, "werror": "stop", "rerror": "stop"})
+            qmp(ctx, guest, "device_add", **att.scsi_device(att.quorum))
     except BaseException:
         if via == "qmp":
             _drop_graph(ctx, att)

@@ -58,8 +58,7 @@ def create_client(ctx: Context, name: str, image: str, lu_name: str, nodes: list
     g = guests.create(ctx, name, image, memory_mib=memory_mib, start=False)
     cid = ctx.store.allocate_client_id(name)
     aid = ctx.store.allocate_adapter_id(cid, lu.name)
-    att = Attachment(name, lu.name, cid, aid, SHARED_READ, True, "qmp", device=f"vios-{cid}-{aid}",
-                     quorum=f"vios{cid}x{aid}q")
+    att = Attachment.new(name, lu.name, cid, aid, SHARED_READ, True, "qmp")
     reserved: list[int] = []
     try:
         for e in exports:
@@ -74,13 +73,11 @@ def create_client(ctx: Context, name: str, image: str, lu_name: str, nodes: list
         ovl, ovl_file = f"vios{cid}x{aid}o", f"vios{cid}x{aid}f"
         blockdevs: list[dict[str, Any]] = [nbd_blockdev(p, lu.name, True) for p in att.paths]
         blockdevs += [
-            {"driver": "quorum", "node-name": att.quorum, "vote-threshold": 1, "read-pattern": "fifo",
-             "read-only": True, "children": [p.blockdev for p in att.paths]},
+            att.quorum_blockdev(),
             {"driver": "file", "node-name": ovl_file, "filename": str(overlay)},
             {"driver": "qcow2", "node-name": ovl, "file": ovl_file, "backing": att.quorum},
         ]
-        device = {"driver": "scsi-hd", "bus": "scsi0.0", "scsi-id": 0, "lun": att.unit, "drive": ovl,
-                  "id": att.device, "werror": "stop", "rerror": "stop"}
+        device = att.scsi_device(ovl)
         spec = guests.domain_spec(ctx, g)
         spec.disks = [d for d in spec.disks if d.target != "vda"]
         spec.cmdline = spec.cmdline.replace("root=/dev/vda", "root=/dev/sda")

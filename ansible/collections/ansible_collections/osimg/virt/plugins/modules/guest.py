@@ -262,9 +262,11 @@ def differences(g: Any, params: dict[str, Any], data_size: int | None) -> list[s
     """What the task asks for that the existing guest was not created with (options not given are not
     compared): the orchestrator's own drift rule, the one ``osimg fleet`` uses."""
     wanted = customization(params).to_dict()
-    asked = {"memory_mib": params["memory"], "vcpus": params["vcpus"], "data_size": data_size,
+    recorded = guests.config_of(g)
+    recorded["memory"] = recorded.pop("memory_mib")  # named as the task's option in the messages
+    asked = {"memory": params["memory"], "vcpus": params["vcpus"], "data_size": data_size,
              "customization": {k: wanted[k] if params[k] is not None else None for k in CUSTOM_KEYS}}
-    return guests.config_drift(guests.config_of(g), asked, only_given=True)
+    return guests.config_drift(recorded, asked, only_given=True)
 
 
 def describe(ctx: Any, g: Any, ready: float | None = None) -> dict[str, Any]:
