@@ -147,6 +147,11 @@ class Customization:
         iface = ipaddress.IPv4Interface(self.address)
         return f"{iface.network},dhcpstart={iface.ip}"
 
+    def short_hostname(self, guest: str) -> str:
+        """The host name the guest ends up with: cloud-init sets the first label of a dotted name
+        and keeps the whole as the FQDN. The config drive and the live form both take it from here."""
+        return (self.hostname or guest).split(".")[0]
+
     @property
     def netmask(self) -> str | None:
         return str(ipaddress.IPv4Interface(self.address).netmask) if self.address else None
@@ -210,9 +215,8 @@ def render(guest: str, c: Customization, instance_id: str) -> dict[str, str]:
     """The three NoCloud files for one guest."""
     name = c.hostname or guest
     meta = {"instance-id": instance_id, "local-hostname": name}
-    # cloud-init sets the short name as the host name and keeps the rest as the FQDN; spelled out
-    # here so the tiny image, which reads "hostname" as it is, ends up with the same host name
-    ud: dict[str, Any] = {"hostname": name.split(".")[0]}
+    # spelled out so the tiny image, which reads "hostname" as it is, ends up with cloud-init's name
+    ud: dict[str, Any] = {"hostname": c.short_hostname(guest)}
     if "." in name:
         ud["fqdn"] = name
     if c.groups:
@@ -270,7 +274,7 @@ def live_script(c: Customization, guest: str, data_uuid: str | None) -> str:
     Written for both busybox and Debian userlands (``ip``, ``findfs`` and plain file edits).
     """
     q = sh_quote
-    lines = ["set -u", f"H={q(c.hostname or guest)}", 'echo "$H" >/etc/hostname; hostname "$H"']
+    lines = ["set -u", f"H={q(c.short_hostname(guest))}", 'echo "$H" >/etc/hostname; hostname "$H"']
     if c.address:
         lines += [
             "ip addr flush dev eth0",
@@ -317,9 +321,11 @@ def live_script(c: Customization, guest: str, data_uuid: str | None) -> str:
     for mnt in c.with_data(data_uuid).mounts:
         lines += [
             f"D={q(mnt.device)}; MP={q(mnt.path)}",
-            # the device node of a hot-plugged disk can take a moment to appear
+            # the device node of a hot-plugged disk can take a moment to appear; a device that is no
+            # node (tmpfs) has nothing to wait for
             'n=0; while :; do case $D in UUID=*|LABEL=*) DEV=$(findfs "$D" 2>/dev/null);; *) DEV=$D;; esac',
-            '  [ -n "$DEV" ] && [ -b "$DEV" ] && break; n=$((n+1)); [ $n -gt 100 ] && break; sleep 0.05; done',
+            '  case $DEV in /dev/*) [ -b "$DEV" ] && break;; *) [ -n "$DEV" ] && break;; esac',
+            '  n=$((n+1)); [ $n -gt 100 ] && break; sleep 0.05; done',
             'mkdir -p "$MP"',
             f'grep -q " $MP " /proc/mounts || mount -t {q(mnt.fstype)} -o {q(mnt.options)} "$DEV" "$MP"',
         ]

@@ -73,7 +73,8 @@ stop() {
   local pid=$1
   [[ $pid =~ ^[0-9]+$ ]] || die "PID must be a number, got '$pid'"
   stopped "$pid" && return 0
-  [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$BIN/etcd" ] || die "PID $pid is not $BIN/etcd, not stopping it"
+  # -f on both sides: .cache may be a symlink (a git worktree sharing the main checkout's cache)
+  [ "$(readlink -f "/proc/$pid/exe" 2>/dev/null)" = "$(readlink -f "$BIN/etcd")" ] || die "PID $pid is not $BIN/etcd, not stopping it"
   kill "$pid"
   for _ in $(seq 100); do
     stopped "$pid" && return 0

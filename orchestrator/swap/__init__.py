@@ -16,7 +16,7 @@ What we learned from libvirt 9.0 while building this:
   UUID as guest-visible and refuses a different one ("Target domain uuid ... does not match
   source"). Paging one golden state into many guests therefore uses a per-guest copy of the save
   file whose embedded XML carries that guest's name, UUID, disks, console log and port forwards
-  (``hypervisor.retarget_saved_state``). The copy is made before the guest is quiesced, so it
+  (``host.domain.rewrite_identity`` and ``retarget_saved_state``). The copy is made before the guest is quiesced, so it
   costs no downtime. The device model, MAC and PCI layout stay exactly as saved.
 - A restored state needs the very disk it was saved with: each swap gives the guest a *fresh*
   overlay on the new base (``os-<image>-<id>.qcow2``); the old overlay stays untouched for rollback.
