@@ -2,7 +2,7 @@
 
 ``OSIMG_HOME``  repository and guest files (default /var/lib/osimg; must be readable by the QEMU user)
 ``OSIMG_URI``   libvirt URI (default qemu:///system)
-``OSIMG_CACHE`` recipe build cache (default .cache/ in the source tree, git-ignored)
+``OSIMG_CACHE`` build cache: recipe images, etcd (default /var/cache/osimg, shared by every checkout)
 ``OSIMG_ACCEL`` force ``kvm`` or ``tcg`` instead of probing
 ``OSIMG_STORE`` cluster store URL (default sqlite under OSIMG_HOME; ``etcd://127.0.0.1:2379``)
 """
@@ -17,6 +17,7 @@ from .errors import ValidationError
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = SOURCE_ROOT / "images"
+DEFAULT_CACHE = "/var/cache/osimg"  # FHS: regenerable data of a root tool, shared by every checkout
 QEMU_USER = "libvirt-qemu"  # Debian's user for libvirt's QEMU processes
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Settings:
         return cls(
             home=h,
             uri=uri or os.environ.get("OSIMG_URI", "qemu:///system"),
-            cache=Path(os.environ.get("OSIMG_CACHE", str(SOURCE_ROOT / ".cache"))).resolve(),
+            cache=Path(os.environ.get("OSIMG_CACHE") or DEFAULT_CACHE).resolve(),
             accel=accel,
             store_url=store or os.environ.get("OSIMG_STORE") or f"sqlite://{h / 'cluster.sqlite'}",
         )

@@ -2,17 +2,17 @@
 # A throw-away single-node etcd 3.4 for tests and benchmarks, from Debian's packages.
 #
 # `apt-get install etcd-server` would start /etc/init.d/etcd as a system service; downloading the
-# .debs and unpacking them into .cache/etcd/ gives the same binaries with no effect on the host.
+# .debs and unpacking them into $OSIMG_CACHE/etcd/ (default /var/cache/osimg/etcd, shared by every
+# checkout on the machine) gives the same binaries with no effect on the host.
 # etcd listens on 127.0.0.1 only, and `stop` only kills a PID that really is this etcd.
 #
-# usage: scripts/etcd.sh install                     unpack etcd into .cache/etcd (idempotent), print its bin dir
+# usage: scripts/etcd.sh install                     unpack etcd into $OSIMG_CACHE/etcd (idempotent), print its bin dir
 #        scripts/etcd.sh start PORT DIR [PEER_PORT]  start etcd on 127.0.0.1:PORT (data DIR/data, log DIR/etcd.log),
 #                                                     print its PID once it reports healthy
 #        scripts/etcd.sh stop PID                    stop an etcd started by `start`
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-CACHE="$ROOT/.cache/etcd"
+CACHE="${OSIMG_CACHE:-/var/cache/osimg}/etcd"
 BIN="$CACHE/root/usr/bin"
 HEALTH_TRIES=200 # x 0.05 s: etcd 3.4 is healthy in 0.4-1.1 s here, allow for a loaded machine
 
@@ -73,7 +73,7 @@ stop() {
   local pid=$1
   [[ $pid =~ ^[0-9]+$ ]] || die "PID must be a number, got '$pid'"
   stopped "$pid" && return 0
-  # -f on both sides: .cache may be a symlink (a git worktree sharing the main checkout's cache)
+  # -f on both sides: the cache folder may be reached through a symlink
   [ "$(readlink -f "/proc/$pid/exe" 2>/dev/null)" = "$(readlink -f "$BIN/etcd")" ] || die "PID $pid is not $BIN/etcd, not stopping it"
   kill "$pid"
   for _ in $(seq 100); do

@@ -7,7 +7,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-CACHE=${OSIMG_CACHE:-$ROOT/.cache}
+# Builds (guest images, etcd, pip log, daemon pid files) are cached per machine, not per checkout:
+# every clone on this host (CI's fresh ones too) reuses them, and a recipe rebuilds when it changes.
+CACHE=${OSIMG_CACHE:-/var/cache/osimg}
 mkdir -p "$CACHE"; chmod 755 "$CACHE"
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
