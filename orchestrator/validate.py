@@ -137,13 +137,13 @@ def load_yaml_file(path: Path, what: str) -> Any:
         with open(path, "rb") as f:
             raw = f.read(MAX_YAML_BYTES + 1)
     except OSError as err:
-        raise ValidationError(f"{path}: cannot read the {what}: {err.strerror}") from None
+        raise ValidationError(f"{path}: cannot read {what}: {err.strerror}") from None
     if len(raw) > MAX_YAML_BYTES:
-        raise ValidationError(f"{path}: the {what} is larger than {MAX_YAML_BYTES >> 20} MiB")
+        raise ValidationError(f"{path}: {what} is larger than {MAX_YAML_BYTES >> 20} MiB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValidationError(f"{path}: the {what} is not UTF-8 text (byte {err.start})") from None
+        raise ValidationError(f"{path}: {what} is not UTF-8 text (byte {err.start})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
@@ -152,7 +152,7 @@ def load_yaml_file(path: Path, what: str) -> Any:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ValidationError(f"{path}: malformed YAML{where}: {problem}") from None
     except RecursionError:
-        raise ValidationError(f"{path}: the {what} is nested too deeply") from None
+        raise ValidationError(f"{path}: {what} is nested too deeply") from None
     if _count_nodes(data, MAX_YAML_NODES) > MAX_YAML_NODES:
-        raise ValidationError(f"{path}: the {what} expands to more than {MAX_YAML_NODES} values (YAML aliases?)")
+        raise ValidationError(f"{path}: {what} expands to more than {MAX_YAML_NODES} values (YAML aliases?)")
     return data

@@ -343,8 +343,8 @@ def test_each_guest_has_its_own_customization(ctx: Context, fleet3: Fleet) -> No
 @pytest.mark.guest
 def test_overlays_share_the_read_only_base_and_writes_stay_private(ctx: Context, fleet3: Fleet) -> None:
     assert fleet3.base_disk.stat().st_mode & 0o777 == 0o444
-    guests = [guests.load(ctx, n) for n in fleet3.names]
-    for g in guests:
+    members = [guests.load(ctx, n) for n in fleet3.names]
+    for g in members:
         chain = qemu_img.backing_chain(g.overlay(ctx))
         assert Path(chain[0].path).resolve() == g.overlay(ctx).resolve()
         assert Path(str(chain[0].backing)).resolve() == fleet3.base_disk.resolve(), chain
@@ -352,12 +352,12 @@ def test_overlays_share_the_read_only_base_and_writes_stay_private(ctx: Context,
         data = g.data_volume(ctx)
         assert data is not None and qemu_img.info(data).backing is None  # the data volume is its own disk
     marker = f"private-{gname('marker')}-{time.time_ns()}"
-    sh(ctx, guests[0].name, f"echo {marker} >/root/marker; sync")
-    assert sh(ctx, guests[0].name, "cat /root/marker").strip() == marker
-    for g in guests[1:]:
+    sh(ctx, members[0].name, f"echo {marker} >/root/marker; sync")
+    assert sh(ctx, members[0].name, "cat /root/marker").strip() == marker
+    for g in members[1:]:
         assert sh(ctx, g.name, "test -e /root/marker && echo seen || echo absent").strip() == "absent"
-    assert marker.encode() in guests[0].overlay(ctx).read_bytes()
-    for g in guests[1:]:
+    assert marker.encode() in members[0].overlay(ctx).read_bytes()
+    for g in members[1:]:
         assert marker.encode() not in g.overlay(ctx).read_bytes()
     assert marker.encode() not in fleet3.base_disk.read_bytes()
     assert qemu_img.sha256(fleet3.base_disk) == fleet3.base_sha
@@ -365,9 +365,9 @@ def test_overlays_share_the_read_only_base_and_writes_stay_private(ctx: Context,
 
 @pytest.mark.guest
 def test_second_up_changes_nothing_and_says_so(ctx: Context, fleet3: Fleet) -> None:
-    guests = [guests.load(ctx, n) for n in fleet3.names]
+    members = [guests.load(ctx, n) for n in fleet3.names]
     before = {g.name: (g.overlay(ctx).stat().st_ino, g.config_drive(ctx).stat().st_mtime_ns, ctx.hv.info(g.name).uuid)
-              for g in guests}
+              for g in members}
     predicted = reconcile.plan_up(ctx, fleet3.spec)
     assert not predicted.changed and {a.action for a in predicted.actions} == {"unchanged"}
     res = osimg("fleet", "up", str(fleet3.spec_path), "--json")
@@ -378,7 +378,7 @@ def test_second_up_changes_nothing_and_says_so(ctx: Context, fleet3: Fleet) -> N
     text = osimg("fleet", "up", str(fleet3.spec_path))
     assert text.returncode == 0 and "3 unchanged; nothing to do" in text.stdout, text.stdout
     after = {g.name: (g.overlay(ctx).stat().st_ino, g.config_drive(ctx).stat().st_mtime_ns, ctx.hv.info(g.name).uuid)
-             for g in guests}
+             for g in members}
     assert after == before
 
 

@@ -142,7 +142,7 @@ def test_guest_keeps_its_data_when_the_serving_vios_is_killed(
     att = att_mod.attach(ctx, c1.name, lu.name)
     assert att.via == "qmp" and att.tainted and [p.node for p in att.connected()] == [a]
     assert att.client_id == ctx.store.clients()[c1.name]
-    assert [r.node for r in ctx.store.reservations(lu.name)] == [node.alive_nodes(ctx)[a]]
+    assert [r.node for r in ctx.store.reservations(lu.name)] == [lus.alive_nodes(ctx)[a]]
     out = sh(ctx, c1, wait_disk(att.unit) + "mkdir -p /mnt/fo && mount $D /mnt/fo && "
              "echo before-failover >/mnt/fo/a.txt && dd if=/dev/urandom of=/mnt/fo/blob bs=64k count=64 2>/dev/null "
              "&& sync && md5sum /mnt/fo/blob | cut -d' ' -f1 && cat /mnt/fo/a.txt")
@@ -177,7 +177,7 @@ def test_guest_keeps_its_data_when_the_serving_vios_is_killed(
     assert out.split() == ["before-failover", "during-outage", blob_md5, "ok"]
     now = att_mod.get(ctx, c1.name, lu.name)
     assert now is not None and [p.node for p in now.connected()] == [b] and now.failovers == 1
-    assert [r.node for r in ctx.store.reservations(lu.name)] == [node.alive_nodes(ctx)[b]]
+    assert [r.node for r in ctx.store.reservations(lu.name)] == [lus.alive_nodes(ctx)[b]]
     att_mod.detach(ctx, c1.name, lu.name)
     assert ctx.store.reservations(lu.name) == []
     # the old node comes back: it rejoins and serves its export as a standby again
@@ -217,7 +217,7 @@ def test_two_writers_exactly_one_wins(
     assert ev is not None and ev.type == "reservation-conflict"
     sub.close()
     # a second writer through the other node is refused too, naming the holder node and client
-    with pytest.raises(ConflictError, match=f"node {node.alive_nodes(ctx)[b]} \\({b}\\) for client {winner}"):
+    with pytest.raises(ConflictError, match=f"node {lus.alive_nodes(ctx)[b]} \\({b}\\) for client {winner}"):
         att_mod.attach(ctx, loser.name, lu.name, nodes=[a])
     assert att_mod.get(ctx, loser.name, lu.name) is None
     att_mod.detach(ctx, winner, lu.name)

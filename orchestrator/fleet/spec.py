@@ -156,7 +156,7 @@ def load(path: str | Path, ctx: Context | None = None) -> FleetSpec:
     """Read and validate a fleet spec. With ``ctx``, image names are also checked against the catalog."""
     p = Path(path)
     r = _Reader(p)
-    data = load_yaml_file(p, "fleet spec")
+    data = load_yaml_file(p, "the fleet spec")
     top = r.mapping(data, "", TOP_KEYS, required=("guests",))
     name = top.get("name", p.stem)
     if not isinstance(name, str) or not NAME_RE.match(name):
