@@ -26,13 +26,12 @@ import sys
 import time
 import uuid
 
-from orchestrator.remote import Session
-
 from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.errors import OsimgError
 from orchestrator.host import qemu_img
 from orchestrator.host.domain import DiskSpec
+from orchestrator.host.ssh import Session
 from orchestrator.settings import SOURCE_ROOT
 from orchestrator.vios import attach, lus, node
 
