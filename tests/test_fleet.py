@@ -535,8 +535,8 @@ def test_debian_cloud_init_applies_the_same_drive(ctx: Context, tmp_path: Path) 
     }
     path = write_spec(tmp_path, spec)
     try:
-        t0 = time.monotonic()
-        res = reconcile.up(ctx, fleetspec.load(path, ctx), timeout=300)
+        t0 = time.monotonic()  # 600 s: a readiness wait; TCG on a loaded 2-core host boots Debian slowly
+        res = reconcile.up(ctx, fleetspec.load(path, ctx), timeout=600)
         print(f"\n[measure] debian fleet guest up in {time.monotonic() - t0:.1f}s "
               f"(ready {res.actions[0].ready_seconds:.1f}s)")
         out = sh(ctx, name, """
