@@ -58,3 +58,7 @@ class ClusterError(OsimgError):
     """The cluster store is unreachable or refused an update."""
 
     exit_code = 9
+
+
+class LeaseLostError(ClusterError):
+    """This process no longer holds the lock it acted under: it must stop where it stands."""

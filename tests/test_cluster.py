@@ -25,7 +25,7 @@ from orchestrator.cluster import (
     Subscription,
     open_store,
 )
-from orchestrator.errors import ClusterError, ConflictError, NotFoundError, ValidationError
+from orchestrator.errors import ClusterError, ConflictError, LeaseLostError, NotFoundError, ValidationError
 
 # The fixtures (a real etcd per session, a store per backend) live next to this file, not in conftest.py.
 pytest_plugins = ["tests.cluster_fixtures"]
@@ -174,6 +174,24 @@ def test_lock_is_exclusive_kept_while_held_and_expires_with_a_dead_holder(store:
     assert time.monotonic() - start < 4.5
     assert not store.release_lock("swap-guest-1", "swapper-b")
     assert store.release_lock("swap-guest-1", "swapper-c")
+
+
+def test_fenced_writes_stop_once_the_lock_is_lost(store: ClusterStore) -> None:
+    """A swap writes its journal fenced by its lock: another holder's lock makes those writes fail."""
+    lost = pytest.raises(LeaseLostError, match="swapper-b took it over")
+    with lost, store.lock("swap-g", "swapper-a", ttl=2) as lease:
+        store.update("swap", "g", lambda _: {"step": "prepared"}, fence=lease.fence)
+        assert store.get("swap", "g") == {"step": "prepared"}
+        # swapper-a's lease runs out (the store was out of reach) and swapper-b takes the lock
+        store.release_lock("swap-g", "swapper-a")
+        store.acquire_lock("swap-g", "swapper-b", ttl=5)
+        with pytest.raises(LeaseLostError, match="no longer held by swapper-a"):
+            store.update("swap", "g", lambda _: {"step": "paged-out"}, fence=lease.fence)
+        assert store.get("swap", "g") == {"step": "prepared"}
+        time.sleep(1.2)  # the refresher (every ttl/3) notices
+        with pytest.raises(LeaseLostError):
+            lease.check()
+    assert store.release_lock("swap-g", "swapper-b"), "leaving the block released the new holder's lock"
 
 
 # -- LU reservations -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from rich.table import Table
 from .. import swap
 from ..context import Context
 from ..errors import SwapError, ValidationError
-from .common import add, emit_json, out, status
+from .common import add, emit_json, err, out, status
 
 
 def register(nouns: dict[str, Any]) -> None:
@@ -28,9 +28,7 @@ def register(nouns: dict[str, Any]) -> None:
 
 def cmd_swap(ctx: Context, a: argparse.Namespace) -> int:
     if a.resume:
-        with status(a, "resuming interrupted swaps"):
-            results = swap.resume(ctx, progress=(lambda m: None) if a.json else (lambda m: out.print(m)))
-        return _report_swaps(results, a.json, empty="no interrupted swap in the journal")
+        return _resume(ctx, a)
     if not a.guests or not a.to:
         raise ValidationError("give GUEST... --to IMAGE (or --resume)")
     p = swap.plan(ctx, a.guests, a.to, a.strategy, a.batch, a.max_failures)
@@ -43,7 +41,39 @@ def cmd_swap(ctx: Context, a: argparse.Namespace) -> int:
         return 0
     with status(a, "swapping") as progress:
         results = swap.rollout(ctx, p, progress=progress)
-    return _report_swaps(results, a.json)
+    code = _report_swaps(results, a.json)
+    left = [r.guest for r in results if not r.ok and not r.rolled_back and not r.skipped]
+    if swap.interrupted() or left:
+        why = f"interrupted by {swap.interrupted()}" if swap.interrupted() else f"unfinished: {', '.join(left)}"
+        err.print(f"osimg: swap {why}; to finish or roll back what the journal still holds: osimg swap --resume",
+                  markup=False, highlight=False, soft_wrap=True)
+        code = code or SwapError.exit_code
+    return code
+
+
+def _resume(ctx: Context, a: argparse.Namespace) -> int:
+    extra = [f"GUEST ({' '.join(a.guests)})" if a.guests else "", "--to" if a.to else "",
+             "--strategy" if a.strategy != "warm" else "", "--batch" if a.batch != 1 else "",
+             "--max-failures" if a.max_failures != 1 else ""]
+    if any(extra):
+        raise ValidationError(f"--resume acts on every journaled swap and takes no {', '.join(e for e in extra if e)}")
+    if a.dry_run:
+        actions = swap.resume_plan(ctx)
+        if a.json:
+            emit_json([asdict(x) for x in actions])
+        elif not actions:
+            out.print("no interrupted swap in the journal")
+        for x in [] if a.json else actions:
+            out.print(f"{x.guest} ({x.strategy}, at step {x.step}): would {x.action}")
+        return 0
+    with status(a, "resuming interrupted swaps"):
+        results = swap.resume(ctx, progress=(lambda m: None) if a.json else (lambda m: out.print(m)))
+    code = _report_swaps(results, a.json, empty="no interrupted swap in the journal")
+    for r in results:
+        if r.rolled_back or not r.ok:
+            what = "rolled back" if r.rolled_back else "not resumed"
+            err.print(f"osimg: {r.guest}: {what}: {r.error}", markup=False, highlight=False, soft_wrap=True)
+    return code
 
 
 def _report_swaps(results: list[swap.SwapResult], as_json: bool, empty: str = "nothing to do") -> int:

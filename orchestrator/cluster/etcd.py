@@ -46,9 +46,9 @@ import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 
-from ..errors import ClusterError, ConflictError, NotFoundError
+from ..errors import ClusterError, ConflictError, LeaseLostError, NotFoundError
 from .events import Event, EventFilter, Subscription
-from .store import ALIVE, EXCLUSIVE, LEFT, LOST, Adapter, ClusterStore, Node, Record, Reservation
+from .store import ALIVE, EXCLUSIVE, LEFT, LOST, Adapter, ClusterStore, Fence, Node, Record, Reservation
 
 WATCH_RECONNECT_DELAY = 0.2
 
@@ -216,11 +216,29 @@ class EtcdStore(ClusterStore):
         answer = self._call("kv/deleterange", _delete(self._key("records", kind, name))["request_delete_range"])
         return int(answer.get("deleted", 0)) > 0
 
-    def _swap(self, kind: str, name: str, text: str | None, revision: int) -> bool:
+    def _swap(self, kind: str, name: str, text: str | None, revision: int, fence: Fence | None = None) -> bool:
         key = self._key("records", kind, name)
-        return self._txn(
-            [_compare(key, "MOD", "EQUAL", revision)], [_delete(key) if text is None else _put(key, text)]
-        )[0]
+        write = _delete(key) if text is None else _put(key, text)
+        if fence is None:
+            return self._txn([_compare(key, "MOD", "EQUAL", revision)], [write])[0]
+        # one transaction: the record's revision and the lock key as we took it (same modification
+        # revision, so neither expired nor re-taken); the failure branch reads the lock to tell which
+        lock = self._key("locks", fence.lock)
+        ok, seen = self._txn(
+            [_compare(key, "MOD", "EQUAL", revision), _compare(lock, "MOD", "EQUAL", fence.token)],
+            [write],
+            [_range(lock)],
+        )
+        if not ok and (not seen[0] or seen[0][0].mod != fence.token):
+            who = seen[0][0].json().get("holder", "?") if seen[0] else "nobody"
+            raise LeaseLostError(f"lock {fence.lock} is no longer held by {fence.holder} (now: {who})")
+        return ok
+
+    def _lock_token(self, name: str, holder: str) -> int:
+        kvs, _ = self._get_range(self._key("locks", name))
+        if not kvs or kvs[0].json().get("holder") != holder:
+            raise LeaseLostError(f"lock {name} is not held by {holder}")
+        return kvs[0].mod
 
     # -- locks -----------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from ..errors import ClusterError, ConflictError, NotFoundError
+from ..errors import ClusterError, ConflictError, LeaseLostError, NotFoundError
 from .events import Event, EventFilter, Subscription
 from .store import (
     ALIVE,
@@ -35,6 +35,7 @@ from .store import (
     LOST,
     Adapter,
     ClusterStore,
+    Fence,
     Node,
     Record,
     Reservation,
@@ -150,8 +151,10 @@ class SqliteStore(ClusterStore):
         with self._write() as db:
             return db.execute("DELETE FROM records WHERE kind = ? AND name = ?", (kind, name)).rowcount > 0
 
-    def _swap(self, kind: str, name: str, text: str | None, revision: int) -> bool:
+    def _swap(self, kind: str, name: str, text: str | None, revision: int, fence: Fence | None = None) -> bool:
         with self._write() as db:
+            if fence is not None:
+                self._check_fence(db, fence)
             row = db.execute("SELECT revision FROM records WHERE kind = ? AND name = ?", (kind, name)).fetchone()
             if (0 if row is None else row[0]) != revision:
                 return False
@@ -173,6 +176,18 @@ class SqliteStore(ClusterStore):
                 return str(row[0])
             db.execute("INSERT OR REPLACE INTO locks VALUES (?, ?, ?)", (name, holder, now + ttl))
             return holder
+
+    @staticmethod
+    def _check_fence(db: sqlite3.Connection, fence: Fence) -> None:
+        row = db.execute("SELECT holder, expires FROM locks WHERE name = ?", (fence.lock,)).fetchone()
+        if row is None or row[0] != fence.holder or row[1] <= time.time():
+            who = "nobody" if row is None or row[1] <= time.time() else row[0]
+            raise LeaseLostError(f"lock {fence.lock} is no longer held by {fence.holder} (now: {who})")
+
+    def _lock_token(self, name: str, holder: str) -> int:
+        with self._read() as db:
+            self._check_fence(db, Fence(name, holder, 0))
+        return 0
 
     def _release_lock(self, name: str, holder: str) -> bool:
         with self._write() as db:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import builtins
+import contextlib
 import copy
 import json
 import threading
@@ -30,7 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from .. import validate
-from ..errors import ClusterError, ConflictError, ValidationError
+from ..errors import ClusterError, ConflictError, LeaseLostError, ValidationError
 from .events import ALERT, NODE_LOST, RESERVATION_CONFLICT, Event, EventFilter, Subscription, check_event
 
 Record = dict[str, Any]
@@ -95,6 +96,34 @@ class Adapter:
     id: int
 
 
+@dataclass(frozen=True)
+class Fence:
+    """Proof that a lock is still ours, checked by the store in the same write as a record.
+
+    ``token`` is what the store can compare atomically: etcd's modification revision of the lock
+    key when we took it (a lock re-taken after it expired gets a new one); SQLite compares holder
+    and expiry inside its write transaction and keeps 0 here.
+    """
+
+    lock: str
+    holder: str
+    token: int
+
+
+class Lease:
+    """A held lock, as the ``lock()`` block sees it: its fence, and whether the refresher lost it."""
+
+    def __init__(self, fence: Fence, ttl: float) -> None:
+        self.fence = fence
+        self.ttl = ttl
+        self.lost: str | None = None
+
+    def check(self) -> None:
+        """Raise LeaseLostError if the refresher found the lock gone (or could not renew it in time)."""
+        if self.lost is not None:
+            raise LeaseLostError(f"lock {self.fence.lock} is no longer held by {self.fence.holder}: {self.lost}")
+
+
 def encode(value: object, what: str) -> str:
     """JSON text of a record, refusing anything other modules could not read back as a dict."""
     if not isinstance(value, dict):
@@ -140,8 +169,12 @@ class ClusterStore(abc.ABC):
     def _delete(self, kind: str, name: str) -> bool: ...
 
     @abc.abstractmethod
-    def _swap(self, kind: str, name: str, text: str | None, revision: int) -> bool:
-        """Write ``text`` (None: delete) if the record's revision is still ``revision`` (0: absent)."""
+    def _swap(self, kind: str, name: str, text: str | None, revision: int, fence: Fence | None = None) -> bool:
+        """Write ``text`` (None: delete) if the record's revision is still ``revision`` (0: absent).
+
+        With a ``fence``, the write also requires that lock to be still held as the fence says, in
+        the same transaction; if it is not, raise LeaseLostError (nothing written).
+        """
 
     def get_with_revision(self, kind: str, name: str) -> tuple[Record | None, int]:
         """The record and its revision, ``(None, 0)`` if absent; pass the revision to compare_and_put."""
@@ -176,21 +209,24 @@ class ClusterStore(abc.ABC):
     def compare_and_delete(self, kind: str, name: str, revision: int) -> bool:
         return self._swap(validate.name(kind, "kind"), validate.name(name), None, revision)
 
-    def update(self, kind: str, name: str, fn: Callable[[Record | None], Record | None]) -> Record | None:
+    def update(self, kind: str, name: str, fn: Callable[[Record | None], Record | None],
+               fence: Fence | None = None) -> Record | None:
         """Atomic read-modify-write: ``fn(current or None)`` returns the new record, or None to delete.
 
         Optimistic: ``fn`` runs again on a fresh copy if another writer got in first, so it must not
-        have side effects. Raising from ``fn`` aborts without writing.
+        have side effects. Raising from ``fn`` aborts without writing. With a ``fence`` the write
+        happens only while that lock is still held (LeaseLostError otherwise): a process that lost
+        its lock cannot record a step it is no longer entitled to take.
         """
         validate.name(kind, "kind")
         validate.name(name)
         for _ in range(UPDATE_ATTEMPTS):
             current, revision = self._get(kind, name)
             new = fn(copy.deepcopy(current))
-            if new == current:
+            if new == current and fence is None:
                 return new
             text = None if new is None else encode(new, f"{kind}/{name}")
-            if self._swap(kind, name, text, revision):
+            if self._swap(kind, name, text, revision, fence):
                 return new
         raise ConflictError(f"{kind}/{name} changed under {UPDATE_ATTEMPTS} concurrent updates in a row; try again")
 
@@ -222,40 +258,59 @@ class ClusterStore(abc.ABC):
         """Release a lock held by ``holder``; False if it did not hold it (any more)."""
         return self._release_lock(validate.name(name, "lock name"), validate.name(holder, "lock holder"))
 
+    @abc.abstractmethod
+    def _lock_token(self, name: str, holder: str) -> int:
+        """The fence token of a lock ``holder`` holds now (see Fence); LeaseLostError if it does not."""
+
+    def fence(self, name: str, holder: str) -> Fence:
+        """The fence of a lock just acquired, for fenced writes (``update(..., fence=)``)."""
+        return Fence(name, holder, self._lock_token(name, holder))
+
     @contextmanager
-    def lock(self, name: str, holder: str, ttl: float, wait: float = 0.0) -> Iterator[None]:
+    def lock(self, name: str, holder: str, ttl: float, wait: float = 0.0) -> Iterator[Lease]:
         """Hold a lock for the duration of a block, refreshing it every ttl/3 from a thread.
 
         The refresh keeps long operations (a swap takes longer than any sensible ttl) safe while a
         crashed holder still frees the lock after ttl. If a refresh finds the lock taken by someone
-        else (the store was unreachable for longer than ttl), the block's exclusivity was broken:
-        leaving the block raises ClusterError so the caller does not report success.
+        else, or cannot reach the store for longer than ttl (someone else may have taken it
+        meanwhile), the block's exclusivity is broken: ``Lease.check()`` says so at once, fenced
+        writes fail in the store, and leaving the block raises LeaseLostError so the caller does
+        not report success.
         """
         self.acquire_lock(name, holder, ttl, wait)
+        lease = Lease(self.fence(name, holder), ttl)
         done = threading.Event()
-        lost: builtins.list[str] = []
 
         def refresh() -> None:
+            renewed = time.monotonic()
             while not done.wait(ttl / 3):
                 try:
                     current = self._try_lock(name, holder, ttl)
-                except ClusterError:
+                except ClusterError as err:
+                    if time.monotonic() - renewed >= ttl:
+                        lease.lost = f"not renewed for {time.monotonic() - renewed:.0f} s ({err})"
+                        return
                     continue
-                if current != holder:
-                    lost.append(current)
+                if time.monotonic() - renewed >= ttl:
+                    lease.lost = f"not renewed for {time.monotonic() - renewed:.0f} s (it expired meanwhile)"
                     return
+                if current != holder:
+                    lease.lost = f"{current} took it over"
+                    return
+                renewed = time.monotonic()
 
         refresher = threading.Thread(target=refresh, name=f"lock-{name}", daemon=True)
         refresher.start()
         try:
-            yield
+            yield lease
         finally:
             done.set()
             refresher.join()
-            if not lost:
-                self.release_lock(name, holder)
-        if lost:
-            raise ClusterError(f"lock {name} was lost while held by {holder}: {lost[0]} took it over")
+            if lease.lost is None:
+                # the lock expires by itself if the store cannot be reached now
+                with contextlib.suppress(ClusterError):
+                    self.release_lock(name, holder)
+        lease.check()
 
     # -- nodes and election ----------------------------------------------------------------------
 

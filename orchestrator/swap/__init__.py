@@ -32,48 +32,67 @@ What we learned from libvirt 9.0 while building this:
   the old filesystem's layout), so it too starts from a fresh overlay: a guest's own state lives
   in its data volume and its customization, which both strategies keep.
 
-Every step is written to a journal in the cluster store (kind ``swap``) and one guest is never
-swapped twice at once (a store lock with a lease). ``resume()`` finishes or rolls back whatever a
-killed orchestrator left behind.
+Every step is written to a journal in the cluster store (kind ``swap``) before it is taken, and one
+guest is never swapped twice at once (a store lock with a lease; every journal write is fenced by
+it). ``resume()`` finishes or rolls back whatever a killed orchestrator left behind: files named
+in ``preparing`` are removed, a swap that reached ``committing`` is finished, anything between is
+rolled back (or finished, if the new OS already passed its health check). SIGINT/SIGTERM stop a
+swap at its next step and roll it back; a store failure or a lost lease stops it where it stands
+and leaves the journal to ``resume``. Failpoints (``orchestrator.failpoints``) sit at every step;
+tests/test_crash.py kills the orchestrator at each.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 from .. import guests
 from ..context import Context
-from ..errors import OsimgError, SwapError
+from ..errors import ClusterError, OsimgError, SwapError
 from ..images import catalog
 from ..process import Progress, holder_id, quiet
 from . import journal
 from .cold import cold
 from .plan import STRATEGIES, Plan, plan
-from .steps import SwapResult, commit, health, rollback
+from .steps import RESUME_HINT, SIGNALS, SwapResult, commit, describe, discard, health, rollback, stopped_by_store
 from .warm import warm
 
-__all__ = ["STRATEGIES", "Plan", "SwapResult", "plan", "resume", "rollout", "swap_guest"]
+__all__ = ["RESUME_HINT", "STRATEGIES", "Plan", "ResumeAction", "SwapResult", "interrupted", "plan", "resume",
+           "resume_plan", "rollout", "swap_guest"]
+
+
+def interrupted() -> str | None:
+    """The signal (SIGINT, SIGTERM) that interrupted the last rollout, if any."""
+    return SIGNALS.received
 
 
 def rollout(ctx: Context, p: Plan, progress: Progress = quiet) -> list[SwapResult]:
-    """Swap guests batch by batch (a batch in parallel); stop once ``max_failures`` guests failed."""
+    """Swap guests batch by batch (a batch in parallel); stop once ``max_failures`` guests failed.
+
+    SIGINT/SIGTERM stop the swaps in flight at their next step (they roll back) and start no more.
+    """
     results: list[SwapResult] = []
     failures = 0
-    for bi, group in enumerate(p.batches, 1):
-        if failures >= p.max_failures:
-            for g in group:
-                rec = guests.load(ctx, g)
-                results.append(SwapResult(g, p.strategy, rec.image, p.to_image, rec.os_version, skipped=True,
-                                          error=f"not attempted: {failures} failure(s) reached the limit"))
-            continue
-        progress(f"batch {bi}/{len(p.batches)}: {', '.join(group)}")
-        if len(group) == 1:
-            batch_results = [swap_guest(ctx, group[0], p.to_image, p.strategy, progress)]
-        else:
-            with ThreadPoolExecutor(max_workers=len(group)) as pool:
-                batch_results = list(pool.map(lambda g: _swap_in_own_context(ctx, g, p, progress), group))
-        results += batch_results
-        failures += sum(1 for r in batch_results if not r.ok)
+    with SIGNALS.deferred():
+        for bi, group in enumerate(p.batches, 1):
+            why = (f"not attempted: {failures} failure(s) reached the limit" if failures >= p.max_failures
+                   else f"not attempted: interrupted by {SIGNALS.received}" if SIGNALS.received else None)
+            if why is not None:
+                for g in group:
+                    rec = guests.load(ctx, g)
+                    results.append(SwapResult(g, p.strategy, rec.image, p.to_image, rec.os_version, skipped=True,
+                                              error=why))
+                continue
+            progress(f"batch {bi}/{len(p.batches)}: {', '.join(group)}")
+            if len(group) == 1:
+                batch_results = [swap_guest(ctx, group[0], p.to_image, p.strategy, progress)]
+            else:
+                with ThreadPoolExecutor(max_workers=len(group)) as pool:
+                    batch_results = list(pool.map(lambda g: _swap_in_own_context(ctx, g, p, progress), group))
+            results += batch_results
+            failures += sum(1 for r in batch_results if not r.ok)
     return results
 
 
@@ -92,50 +111,124 @@ def swap_guest(ctx: Context, name: str, to_image: str, strategy: str = "warm",
     g = guests.load(ctx, name)
     res = SwapResult(name, strategy, g.image, to_image, g.os_version)
     target = catalog.resolve(ctx, to_image)
-    holder = holder_id()
     try:
-        with ctx.store.lock(journal.lock_name(name), holder, journal.LOCK_TTL):
+        with ctx.store.lock(journal.lock_name(name), holder_id(), journal.LOCK_TTL) as lease:
             if journal.get(ctx, name) is not None:
-                raise SwapError(f"guest {name} has an unfinished swap; run 'osimg swap --resume' first")
+                journal.raise_unfinished(name)
             if ctx.hv.state(name) != "running":
                 raise SwapError(f"guest {name} is {ctx.hv.state(name)}, not running")
             fn = warm if strategy == "warm" else cold
-            fn(ctx, g, target, res, progress, health_timeout)
+            fn(ctx, g, target, res, progress, health_timeout, lease)
+    except ClusterError as err:
+        if not res.ok:
+            res.error = res.error or stopped_by_store(ctx, err, name)
     except OsimgError as err:
         res.error = res.error or str(err)
     return res
 
 
+@dataclass
+class ResumeAction:
+    """What ``resume`` does (or, with --dry-run, would do) with one journal entry."""
+
+    guest: str
+    strategy: str
+    step: str
+    action: str
+
+
+def _action(ctx: Context, rec: dict[str, Any]) -> str:
+    name = str(rec.get("guest", "?"))
+    step = str(rec.get("step", ""))
+    to, back = rec.get("to_image", "?"), rec.get("from_image", "?")
+    if not (ctx.settings.guests_dir / name).exists():
+        return "drop the entry: the guest was removed"
+    if step in (journal.PREPARING, journal.PREPARED):
+        return f"remove the files the swap prepared ({', '.join(map(str, rec.get('files', []))) or 'none'}), " \
+               f"keep {back}"
+    if step == journal.COMMITTING:
+        return f"finish the swap to {to} (it reached committing)"
+    if step in ("customized", "booted"):
+        return f"check the new OS; finish the swap to {to} if healthy, else roll back to {back}"
+    return f"roll back to {back} (interrupted at step {rec.get('rollback_from') or step})"
+
+
+def resume_plan(ctx: Context) -> list[ResumeAction]:
+    """What ``resume`` would do, changing nothing (``osimg swap --resume --dry-run``)."""
+    return [ResumeAction(str(rec.get("guest", "?")), str(rec.get("strategy", "?")), str(rec.get("step", "")),
+                         _action(ctx, rec)) for rec in journal.entries(ctx)]
+
+
 def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
-    """Finish or roll back every swap a killed orchestrator left in the journal."""
+    """Finish or roll back every swap a killed orchestrator left in the journal.
+
+    Each entry is read again under the guest's lock and acted on as it is then: another process
+    may have finished (or resumed) that swap meanwhile.
+    """
     out = []
-    for rec in journal.entries(ctx):
-        name = rec["guest"]
-        if not (ctx.settings.guests_dir / name).exists():
-            progress(f"{name}: the guest was removed; dropping its journal entry")
-            journal.drop(ctx, name)
+    for listed in journal.entries(ctx):
+        name = str(listed.get("guest", ""))
+        if not name or not (ctx.settings.guests_dir / name).exists():
+            progress(f"{name or '?'}: the guest was removed; dropping its journal entry")
+            if name:
+                journal.drop_unlocked(ctx, name)
             continue
-        old = guests.Guest(**rec["old"])
-        new = guests.Guest(**rec["new"])
-        res = SwapResult(name, rec.get("strategy", "?"), old.image, new.image, old.os_version)
+        res = SwapResult(name, str(listed.get("strategy", "?")), str(listed.get("from_image", "?")),
+                         str(listed.get("to_image", "?")), "?")
         try:
-            with ctx.store.lock(journal.lock_name(name), holder_id(), journal.LOCK_TTL, wait=journal.LOCK_TTL + 5):
-                done = False
-                if rec.get("step") in ("customized", "booted") and ctx.hv.is_active(name):
-                    try:
-                        health(ctx, new, new.os_version, None, 60)
-                        done = True
-                    except OsimgError as err:
-                        progress(f"{name}: new OS unhealthy after resume ({err})")
-                if done:
-                    commit(ctx, old, new)
-                    res.ok, res.new_version = True, new.os_version
-                    progress(f"{name}: finished the swap to {new.image}")
-                else:
-                    rollback(ctx, old, new.overlay_file)
-                    res.rolled_back = True
-                    progress(f"{name}: rolled back to {old.image}")
+            with ctx.store.lock(journal.lock_name(name), holder_id(), journal.LOCK_TTL,
+                                wait=journal.LOCK_TTL + 5) as lease:
+                rec = journal.get(ctx, name)
+                if rec is None:
+                    progress(f"{name}: another process finished this swap meanwhile")
+                    continue
+                _resume_one(ctx, lease, rec, res, progress)
+        except ClusterError as err:
+            res.error = stopped_by_store(ctx, err, name)
         except OsimgError as err:
-            res.error = str(err)
+            res.error = f"resume failed: {err}; the journal is kept: {RESUME_HINT}"
+        except Exception as err:  # a failed resume is reported, the journal stays for the next
+            res.error = f"resume failed: {describe(err)}; the journal is kept: {RESUME_HINT}"
         out.append(res)
     return out
+
+
+def _resume_one(ctx: Context, lease: Any, rec: dict[str, Any], res: SwapResult, progress: Progress) -> None:
+    name = res.guest
+    try:
+        old = guests.Guest(**rec["old"])
+        new = guests.Guest(**rec["new"])
+    except (KeyError, TypeError) as err:
+        raise SwapError(f"the journal entry of {name} is broken ({describe(err)}); inspect the guest by hand "
+                        f"and remove the entry") from None
+    res.old_version = old.os_version
+    step = str(rec.get("step", ""))
+    if step in (journal.PREPARING, journal.PREPARED) and ctx.hv.is_active(name):
+        files = [f for f in map(str, rec.get("files", [])) if f and "/" not in f and f != old.overlay_file]
+        discard(ctx, lease, old.dir(ctx), files, name)
+        res.rolled_back = True
+        res.error = f"interrupted at step {step}, before the guest was touched: removed {', '.join(files)}; " \
+                    f"it still runs {old.image}"
+        progress(f"{name}: {res.error}")
+        return
+    healthy = step == journal.COMMITTING
+    why = f"interrupted at step {rec.get('rollback_from') or step}"
+    if step in ("customized", "booted") and ctx.hv.is_active(name):
+        try:
+            health(ctx, new, new.os_version, None, 60)
+            healthy = True
+        except OsimgError as err:
+            why += f" and the new OS is unhealthy ({err})"
+            progress(f"{name}: new OS unhealthy after resume ({err})")
+    if healthy:
+        commit(ctx, lease, old, new)
+        if not ctx.hv.is_active(name):
+            ctx.hv.start(name)
+            guests.wait_ready(ctx, new)
+        res.ok, res.new_version = True, new.os_version
+        progress(f"{name}: finished the swap to {new.image}")
+        return
+    rollback(ctx, lease, old, new.overlay_file)
+    res.rolled_back = True
+    res.error = f"{why}: rolled back to {old.image}"
+    progress(f"{name}: {res.error}")

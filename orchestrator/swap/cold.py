@@ -6,45 +6,74 @@ import time
 from dataclasses import asdict
 
 from .. import guests
+from ..cluster.store import Lease
 from ..context import Context
-from ..errors import OsimgError
+from ..errors import ClusterError, SwapError
+from ..failpoints import failpoint
 from ..host import qemu_img
 from ..images import catalog
 from ..process import Progress, holder_id
 from . import journal
-from .steps import SwapResult, finish, health, moved, new_overlay_name, persistent_xml, roll_back, step
+from .steps import (
+    SwapResult,
+    describe,
+    discard,
+    finish,
+    health,
+    mark,
+    moved,
+    new_overlay_name,
+    persistent_xml,
+    roll_back,
+    step,
+)
 
 
 def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResult, progress: Progress,
-          health_timeout: float) -> None:
+         health_timeout: float, lease: Lease) -> None:
     t0 = time.monotonic()
     old = guests.Guest(**asdict(g))
     new_overlay = new_overlay_name(target.ref)
-    qemu_img.create_overlay(g.dir(ctx) / new_overlay, target.disk)
     new = moved(g, target, new_overlay)
-    res.counter_before = guests.app_counter(g.app_port)
-    journal.write(ctx, g.name, guest=g.name, strategy="cold", step="prepared", from_image=g.image, to_image=target.ref,
-             old=asdict(old), new=asdict(new), holder=holder_id(), started=time.time())
+    journal.begin(ctx, lease, g.name, strategy="cold", from_image=g.image, to_image=target.ref, old=asdict(old),
+                  new=asdict(new), files=[new_overlay], holder=holder_id(), started=time.time())
+    failpoint("cold-preparing")
+    try:
+        qemu_img.create_overlay(g.dir(ctx) / new_overlay, target.disk)
+        failpoint("cold-overlay-created")
+        res.counter_before = guests.app_counter(g.app_port)
+        mark(ctx, lease, g.name, journal.PREPARED)
+        failpoint("cold-prepared")
+    except ClusterError:
+        raise
+    except Exception as err:  # nothing was touched yet: clean up, whatever failed
+        discard(ctx, lease, g.dir(ctx), [new_overlay], g.name)
+        raise SwapError(f"cold swap of {g.name} not started: {describe(err)}; the guest was not touched") from None
     down = time.monotonic()
     try:
         progress(f"{g.name}: shut down")
+        mark(ctx, lease, g.name, "stopping")
+        failpoint("cold-stopping")
         ctx.hv.shutdown(g.name)
-        journal.write(ctx, g.name, step="stopped")
+        mark(ctx, lease, g.name, "stopped")
+        failpoint("cold-stopped")
         step(res, "shutdown", t0)
         progress(f"{g.name}: boot {target.ref}")
         g.console(ctx).unlink(missing_ok=True)
         ctx.hv.define(persistent_xml(ctx, new))
+        failpoint("cold-defined")
         ctx.hv.start(g.name)
-        journal.write(ctx, g.name, step="booted")
+        mark(ctx, lease, g.name, "booted")
+        failpoint("cold-booted")
         guests.wait_ready(ctx, new, timeout=health_timeout)
         step(res, "boot", t0)
         n = health(ctx, new, target.os_version, res.counter_before, health_timeout)
         res.downtime = round(time.monotonic() - down, 3)
         res.counter_after = n
         step(res, "health", t0)
-    except OsimgError as err:
-        roll_back(ctx, res, old, new_overlay, err, progress)
+    except ClusterError:
+        raise  # the store failed or the lease is lost: stop where we stand, the journal stays for resume
+    except Exception as err:  # whatever failed in the window, the guest must get its OS back
+        roll_back(ctx, lease, res, old, new_overlay, err, progress)
         return
-    finish(ctx, res, old, new, t0)
-
-
+    finish(ctx, lease, res, old, new, t0)

@@ -10,9 +10,11 @@ import time
 from dataclasses import asdict
 
 from .. import guests
+from ..cluster.store import Lease
 from ..context import Context
 from ..customize import live_script
-from ..errors import GuestError, OsimgError, SwapError
+from ..errors import ClusterError, GuestError, OsimgError, SwapError
+from ..failpoints import failpoint
 from ..host import qemu_img
 from ..host.domain import retarget_saved_state, rewrite_identity
 from ..images import catalog
@@ -23,9 +25,12 @@ from .steps import (
     RELEASE_DATA,
     ROLLBACK_SNAPSHOT,
     SwapResult,
+    describe,
+    discard,
     finish,
     guest_sh,
     health,
+    mark,
     moved,
     new_overlay_name,
     roll_back,
@@ -34,23 +39,36 @@ from .steps import (
 
 
 def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResult, progress: Progress,
-          health_timeout: float) -> None:
+         health_timeout: float, lease: Lease) -> None:
     t0 = time.monotonic()
     gdir = g.dir(ctx)
     old = guests.Guest(**asdict(g))
     new_overlay = new_overlay_name(target.ref)
     if target.state_file is None:
         raise SwapError(f"image {target.ref} has no memory state")
-    # everything that costs time happens before the application stops
-    progress(f"{g.name}: preparing page-in of {target.ref}")
-    qemu_img.create_overlay(gdir / new_overlay, target.disk)
     new = moved(g, target, new_overlay)
-    spec = guests.domain_spec(ctx, new)
-    saved_xml = ctx.hv.saved_xml(str(target.state_file))
-    retarget_saved_state(target.state_file, gdir / PAGEIN_FILE, rewrite_identity(saved_xml, spec))
-    res.counter_before = guests.app_counter(g.app_port)
-    journal.write(ctx, g.name, guest=g.name, strategy="warm", step="prepared", from_image=g.image, to_image=target.ref,
-             old=asdict(old), new=asdict(new), holder=holder_id(), started=time.time())
+    files = [new_overlay, PAGEIN_FILE]
+    journal.begin(ctx, lease, g.name, strategy="warm", from_image=g.image, to_image=target.ref, old=asdict(old),
+                  new=asdict(new), files=files, snapshot=ROLLBACK_SNAPSHOT, holder=holder_id(),
+                  started=time.time())
+    failpoint("warm-preparing")
+    # everything that costs time happens before the application stops
+    try:
+        progress(f"{g.name}: preparing page-in of {target.ref}")
+        qemu_img.create_overlay(gdir / new_overlay, target.disk)
+        failpoint("warm-overlay-created")
+        spec = guests.domain_spec(ctx, new)
+        saved_xml = ctx.hv.saved_xml(str(target.state_file))
+        retarget_saved_state(target.state_file, gdir / PAGEIN_FILE, rewrite_identity(saved_xml, spec))
+        failpoint("warm-pagein-written")
+        res.counter_before = guests.app_counter(g.app_port)
+        mark(ctx, lease, g.name, journal.PREPARED)
+        failpoint("warm-prepared")
+    except ClusterError:
+        raise
+    except Exception as err:  # nothing was touched yet: clean up, whatever failed
+        discard(ctx, lease, gdir, files, g.name)
+        raise SwapError(f"warm swap of {g.name} not started: {describe(err)}; the guest was not touched") from None
     step(res, "prepare", t0)
 
     down = time.monotonic()
@@ -58,36 +76,45 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         progress(f"{g.name}: quiesce")
         # The old OS lets go of the data volume first: its page cache of /data must not survive
         # into a rollback after the new OS has written there.
-        journal.write(ctx, g.name, step="releasing")
+        mark(ctx, lease, g.name, "releasing")
+        failpoint("warm-releasing")
         guest_sh(ctx, g, RELEASE_DATA, "stopping the application and unmounting /data", timeout=60)
         data_disk = guests.data_disk(ctx, g)
         if data_disk is not None:
             ctx.hv.detach_disk(g.name, data_disk)
-        journal.write(ctx, g.name, step="released")
+        mark(ctx, lease, g.name, "released")
+        failpoint("warm-released")
         if ctx.hv.agent_ping(g.name):
             with contextlib.suppress(OsimgError):
                 ctx.hv.fs_freeze(g.name)
         ctx.hv.suspend(g.name)
-        journal.write(ctx, g.name, step="quiesced")
+        mark(ctx, lease, g.name, "quiesced")
+        failpoint("warm-quiesced")
         step(res, "quiesce", t0)
         progress(f"{g.name}: page out old OS")
         ctx.hv.snapshot_create(g.name, ROLLBACK_SNAPSHOT)
-        journal.write(ctx, g.name, step="paged-out")
+        failpoint("warm-snapshot-taken")
+        mark(ctx, lease, g.name, "paged-out")
+        failpoint("warm-paged-out")
         step(res, "page-out", t0)
         progress(f"{g.name}: page in {target.ref}")
         ctx.hv.destroy(g.name)
+        failpoint("warm-old-destroyed")
         ctx.hv.restore(str(gdir / PAGEIN_FILE))
-        journal.write(ctx, g.name, step="paged-in")
+        mark(ctx, lease, g.name, "paged-in")
+        failpoint("warm-paged-in")
         step(res, "page-in", t0)
         if data_disk is not None:
             ctx.hv.attach_disk(g.name, data_disk)
+        failpoint("warm-data-attached")
         step(res, "attach", t0)
         # the golden state's clock stopped at capture time
         with contextlib.suppress(OsimgError):
             ctx.hv.agent(g.name, "guest-set-time", {"time": time.time_ns()}, timeout=5)
         progress(f"{g.name}: customize and start the application")
         guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid), "live customization")
-        journal.write(ctx, g.name, step="customized")
+        mark(ctx, lease, g.name, "customized")
+        failpoint("warm-customized")
         step(res, "customize", t0)
         first = (guests.wait_app(new.app_port, timeout=health_timeout, poll=0.02)
                  if res.counter_before is not None else 0)
@@ -96,9 +123,9 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
             raise GuestError(f"{g.name}: the application does not answer on the new OS")
         res.counter_after = health(ctx, new, target.os_version, res.counter_before, health_timeout)
         step(res, "health", t0)
-    except OsimgError as err:
-        roll_back(ctx, res, old, new_overlay, err, progress)
+    except ClusterError:
+        raise  # the store failed or the lease is lost: stop where we stand, the journal stays for resume
+    except Exception as err:  # whatever failed in the window, the guest must get its OS back
+        roll_back(ctx, lease, res, old, new_overlay, err, progress)
         return
-    finish(ctx, res, old, new, t0)
-
-
+    finish(ctx, lease, res, old, new, t0)

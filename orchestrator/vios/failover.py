@@ -13,12 +13,12 @@ is resumed and the request retried on the new path.
 from __future__ import annotations
 
 import logging
-import os
 
 from ..cluster.events import LIFECYCLE
 from ..cluster.store import EXCLUSIVE, SHARED_READ
 from ..context import Context
 from ..errors import ConflictError, NotFoundError, OsimgError
+from ..process import holder_id
 from . import lus
 from .attach import Attachment, Path_, add_blockdev, get, list_attachments, qmp, require_qmp, save
 from .lus import SERVING, STANDBY
@@ -55,7 +55,7 @@ def failover(ctx: Context, guest: str, lu_name: str) -> Attachment:
     if att is None:
         raise NotFoundError(f"LU {lu_name} is not attached to guest {guest}")
     require_qmp(att)
-    with ctx.store.lock(f"failover.{att.name}"[:63], f"pid{os.getpid()}", LOCK_TTL, wait=LOCK_TTL):
+    with ctx.store.lock(f"failover.{att.name}"[:63], holder_id(), LOCK_TTL, wait=LOCK_TTL):
         att = get(ctx, guest, lu_name)
         if att is None:
             raise NotFoundError(f"LU {lu_name} was detached from guest {guest}")
