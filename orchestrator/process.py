@@ -18,12 +18,24 @@ def quiet(_msg: str) -> None:
     return None
 
 
-def holder_id() -> str:
-    """This process as a lock holder: host name and PID, cut to the store's limit.
+def holder_id(pid: int | None = None) -> str:
+    """This process (or process ``pid`` on this host) as a lock holder: host name and PID, cut to
+    the store's limit.
 
     The PID stays at the end, whole, because it is what tells two orchestrators on one host apart;
     a long host name is what gets cut.
     """
-    pid = f"-{os.getpid()}"
+    tail = f"-{os.getpid() if pid is None else pid}"
     host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname()) or "host"
-    return (host[: HOLDER_MAX - len(pid)] + pid).lstrip("._-") or f"pid{pid}"
+    return (host[: HOLDER_MAX - len(tail)] + tail).lstrip("._-") or f"pid{tail}"
+
+
+def dead_local_holder(holder: str) -> bool:
+    """True if ``holder`` names a process of this host that no longer exists (killed, crashed).
+
+    Its locks need not wait for their lease to run out. A PID reused since only makes us wait.
+    """
+    pid = holder.rsplit("-", 1)[-1]
+    if not pid.isdigit() or holder != holder_id(int(pid)) or int(pid) == os.getpid():
+        return False
+    return not os.path.exists(f"/proc/{pid}")

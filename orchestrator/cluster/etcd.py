@@ -234,6 +234,10 @@ class EtcdStore(ClusterStore):
             raise LeaseLostError(f"lock {fence.lock} is no longer held by {fence.holder} (now: {who})")
         return ok
 
+    def _lock_holder(self, name: str) -> str | None:
+        kvs, _ = self._get_range(self._key("locks", name))
+        return str(kvs[0].json().get("holder")) if kvs else None
+
     def _lock_token(self, name: str, holder: str) -> int:
         kvs, _ = self._get_range(self._key("locks", name))
         if not kvs or kvs[0].json().get("holder") != holder:

@@ -184,6 +184,11 @@ class SqliteStore(ClusterStore):
             who = "nobody" if row is None or row[1] <= time.time() else row[0]
             raise LeaseLostError(f"lock {fence.lock} is no longer held by {fence.holder} (now: {who})")
 
+    def _lock_holder(self, name: str) -> str | None:
+        with self._read() as db:
+            row = db.execute("SELECT holder, expires FROM locks WHERE name = ?", (name,)).fetchone()
+        return None if row is None or row[1] <= time.time() else str(row[0])
+
     def _lock_token(self, name: str, holder: str) -> int:
         with self._read() as db:
             self._check_fence(db, Fence(name, holder, 0))

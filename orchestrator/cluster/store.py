@@ -254,6 +254,13 @@ class ClusterStore(abc.ABC):
                 raise ConflictError(f"lock {name} is held by {current}")
             time.sleep(LOCK_POLL)
 
+    @abc.abstractmethod
+    def _lock_holder(self, name: str) -> str | None: ...
+
+    def lock_holder(self, name: str) -> str | None:
+        """Who holds a lock now (None: nobody)."""
+        return self._lock_holder(validate.name(name, "lock name"))
+
     def release_lock(self, name: str, holder: str) -> bool:
         """Release a lock held by ``holder``; False if it did not hold it (any more)."""
         return self._release_lock(validate.name(name, "lock name"), validate.name(holder, "lock holder"))

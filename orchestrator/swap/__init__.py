@@ -52,7 +52,7 @@ from .. import guests
 from ..context import Context
 from ..errors import ClusterError, OsimgError, SwapError
 from ..images import catalog
-from ..process import Progress, holder_id, quiet
+from ..process import Progress, dead_local_holder, holder_id, quiet
 from . import journal
 from .cold import cold
 from .plan import STRATEGIES, Plan, plan
@@ -176,6 +176,11 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
         res = SwapResult(name, str(listed.get("strategy", "?")), str(listed.get("from_image", "?")),
                          str(listed.get("to_image", "?")), "?")
         try:
+            holder = ctx.store.lock_holder(journal.lock_name(name))
+            if holder is not None and dead_local_holder(holder):
+                # killed on this host: its lease would only run out; it can act no more (fencing)
+                progress(f"{name}: {holder} is gone; taking over its lock")
+                ctx.store.release_lock(journal.lock_name(name), holder)
             with ctx.store.lock(journal.lock_name(name), holder_id(), journal.LOCK_TTL,
                                 wait=journal.LOCK_TTL + 5) as lease:
                 rec = journal.get(ctx, name)

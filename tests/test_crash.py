@@ -1,0 +1,294 @@
+"""Kill the orchestrator (SIGKILL) at every failpoint of a swap, warm and cold, then resume.
+
+The list of points is read from the source (every ``failpoint("...")`` call), so a new point is
+tested without editing this file, and a fast test fails if a journaled step (``mark``) has no
+failpoint right after it. Each case runs the real CLI with ``OSIMG_FAILPOINT`` set, expects it to
+die by SIGKILL, runs ``osimg swap --resume``, then checks what a user relies on: the guest runs
+exactly one OS and its record names it, the data written before the swap is intact, no orphan
+overlay, page-in file, snapshot or domain is left, and a second resume changes nothing.
+
+Two tiny guests (one per strategy) are reused: each case swaps its guest to the other image
+(v1 <-> v2), so whether the previous case finished or rolled back does not matter.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator import guests, swap
+from orchestrator.context import Context
+from orchestrator.failpoints import ENV
+from orchestrator.images import lifecycle
+from orchestrator.process import dead_local_holder, holder_id
+from orchestrator.settings import SOURCE_ROOT
+from orchestrator.swap.steps import PAGEIN_FILE, ROLLBACK_SNAPSHOT
+
+from .conftest import HOME, RUN_ID, gname, osimg
+
+V1, V2 = f"c{RUN_ID}-v1", f"c{RUN_ID}-v2"
+PACKAGE = SOURCE_ROOT / "orchestrator"
+
+
+def _calls(tree: ast.AST, fn: str) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == fn]
+
+
+def failpoints() -> list[str]:
+    """Every failpoint name in the orchestrator's source, in source order."""
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for call in _calls(ast.parse(path.read_text()), "failpoint"):
+            arg = call.args[0] if call.args else None
+            assert isinstance(arg, ast.Constant) and isinstance(arg.value, str), \
+                f"{path.name}:{call.lineno}: a failpoint's name must be a string literal (this test finds it)"
+            names.append(arg.value)
+    return names
+
+
+POINTS = failpoints()
+# A point in the rollback is reached by failing the swap in its window first (an injected OSError,
+# which also proves that any exception there rolls back); one before the window, by failing prepare.
+FAIL_WINDOW = {"warm": "warm-paged-in=error", "cold": "cold-booted=error"}
+FAIL_PREPARE = {"warm": "warm-pagein-written=error", "cold": "cold-overlay-created=error"}
+# Rollback branches a strategy cannot take: a cold swap has no snapshot to revert; a warm swap
+# failing after page-out always has one.
+UNREACHABLE = {
+    ("cold", "rollback-new-destroyed"), ("cold", "rollback-reverted"), ("cold", "rollback-snapshot-removed"),
+    ("warm", "rollback-old-booted"),
+}
+
+
+def cases() -> list[tuple[str, str, str]]:
+    """(strategy, point, OSIMG_FAILPOINT value) for every point and every strategy that reaches it."""
+    out = []
+    for point in POINTS:
+        family = point.split("-", 1)[0]
+        for strategy in ("warm", "cold"):
+            if (family in ("warm", "cold") and family != strategy) or (strategy, point) in UNREACHABLE:
+                continue
+            spec = {"rollback": f"{FAIL_WINDOW[strategy]},{point}",
+                    "discard": f"{FAIL_PREPARE[strategy]},{point}"}.get(family, point)
+            out.append((strategy, point, spec))
+    return out
+
+
+CASES = cases()
+
+
+# -- fast: the list of points is complete and every case names a real point -------------------------------------
+
+
+def test_every_journaled_step_has_a_failpoint_right_after_it() -> None:
+    for path in sorted((PACKAGE / "swap").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if not isinstance(body, list):
+                continue
+            for i, stmt in enumerate(body):
+                if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and \
+                        isinstance(stmt.value.func, ast.Name) and stmt.value.func.id == "mark":
+                    nxt = body[i + 1] if i + 1 < len(body) else None
+                    ok = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Call) and \
+                        isinstance(nxt.value.func, ast.Name) and nxt.value.func.id == "failpoint"
+                    assert ok, f"{path.name}:{stmt.lineno}: a journaled step without failpoint(...) right after it"
+
+
+def test_every_failpoint_is_a_crash_case() -> None:
+    assert len(POINTS) == len(set(POINTS)), f"names repeat: {sorted(p for p in POINTS if POINTS.count(p) > 1)}"
+    assert {p.split("-", 1)[0] for p in POINTS} <= {"warm", "cold", "commit", "rollback", "discard"}, POINTS
+    covered = {p for _, p, _ in CASES}
+    assert covered == set(POINTS), f"failpoints no case reaches: {sorted(set(POINTS) - covered)}"
+    for point in ("warm-preparing", "warm-paged-out", "cold-stopped", "commit-committing", "rollback-reverted"):
+        assert point in POINTS
+    for _, _, spec in CASES:
+        for item in spec.split(","):
+            assert item.split("=")[0] in POINTS, spec
+
+
+def test_failpoint_kills_or_fails_only_when_named() -> None:
+    code = ("from orchestrator.failpoints import failpoint\n"
+            "failpoint('a')\nprint('passed a', flush=True)\n"
+            "try:\n    failpoint('b')\nexcept OSError as e:\n    print(e, flush=True)\n"
+            "failpoint('c')\nprint('not reached')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, ENV: "b=error, c"})
+    assert run.returncode == -signal.SIGKILL, run
+    assert run.stdout.splitlines() == ["passed a", "failpoint b: injected failure"]
+
+
+def test_a_dead_local_lock_holder_is_recognised() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert dead_local_holder(holder_id(child.pid))
+    assert not dead_local_holder(holder_id())  # this process
+    assert not dead_local_holder(holder_id(1))  # alive
+    assert not dead_local_holder(f"otherhost-{child.pid}")  # another host's process: only its lease tells
+
+
+def test_resume_refuses_arguments_and_dry_run_changes_nothing() -> None:
+    for args in (["somename"], ["--to", "img"], ["x", "--to", "y", "--strategy", "cold"]):
+        res = osimg("swap", "--resume", *args)
+        assert res.returncode == 2 and "--resume" in res.stderr and len(res.stderr.splitlines()) == 1, res
+    res = osimg("swap", "--resume", "--dry-run", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout) == [], res
+
+
+# -- real guests ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crash_guests(ctx: Context) -> Iterator[dict[str, guests.Guest]]:
+    lifecycle.build(ctx, V1, "tiny:v1")
+    lifecycle.build(ctx, V2, "tiny:v2")
+    made: dict[str, guests.Guest] = {}
+    try:
+        for strategy in ("warm", "cold"):
+            g = guests.create(ctx, gname(f"crash-{strategy}"), V1, data_size=32 << 20)
+            made[strategy] = g
+            guests.wait_ready(ctx, g)
+            assert guests.wait_app(g.app_port, 30) is not None
+        yield made
+    finally:
+        for g in made.values():
+            guests.remove(ctx, g.name)
+
+
+def _history(ctx: Context, g: guests.Guest, add: str | None = None) -> str:
+    cmd = "cat /data/history" if add is None else f"echo {add} >> /data/history && sync && cat /data/history"
+    with guests.session(ctx, g) as s:
+        return s.run(["sh", "-c", cmd], check=True).out
+
+
+def _state(ctx: Context, name: str) -> tuple[str, str, list[str]]:
+    """(record's OS version, overlay file, the guest folder's listing): what a resume may change."""
+    g = guests.load(ctx, name)
+    return g.os_version, g.overlay_file, sorted(p.name for p in g.dir(ctx).iterdir())
+
+
+def _check_whole(ctx: Context, g0: guests.Guest, history: str, others: set[str]) -> str:
+    g = guests.load(ctx, g0.name)
+    assert g.image in (V1, V2)
+    assert swap.journal.entries(ctx) == [], "the journal still holds an entry"
+    assert ctx.hv.state(g.name) == "running"
+    with guests.session(ctx, g) as s:
+        inside = s.run(["cat", "/etc/osimg-version"], check=True).out.strip()
+    assert inside == g.os_version, f"the guest runs {inside}, its record says {g.os_version}"
+    assert _history(ctx, g) == history, "data written before the swap changed"
+    assert guests.app_counter(g.app_port) is not None, "the application does not answer"
+    files = {p.name for p in g.dir(ctx).iterdir()}
+    assert {f for f in files if f.startswith("os")} == {g.overlay_file}, f"orphan overlay: {sorted(files)}"
+    assert PAGEIN_FILE not in files and not any(f.endswith(".tmp") for f in files), sorted(files)
+    assert not ctx.hv.has_snapshot(g.name, ROLLBACK_SNAPSHOT), "the rollback snapshot was left"
+    mine = {d.name for d in ctx.hv.list_domains() if d.metadata.get("home") == str(HOME)}
+    assert mine == others, f"domains: {sorted(mine)}, expected {sorted(others)}"
+    return g.os_version
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize(("strategy", "point", "spec"), CASES, ids=[f"{s}-{p}" for s, p, _ in CASES])
+def test_kill_at_failpoint_then_resume(ctx: Context, crash_guests: dict[str, guests.Guest], strategy: str,
+                                       point: str, spec: str) -> None:
+    g = guests.load(ctx, crash_guests[strategy].name)
+    others = {x.name for x in crash_guests.values()}
+    history = _history(ctx, g, add=f"before-{strategy}-{point}")
+    target = V2 if g.image == V1 else V1
+    t0 = time.monotonic()
+    exe = Path(sys.executable).parent / "osimg"
+    run = subprocess.run([str(exe), "swap", g.name, "--to", target, "--strategy", strategy, "--json"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OSIMG_HOME": str(HOME), ENV: spec})
+    killed = time.monotonic() - t0
+    assert run.returncode == -signal.SIGKILL, f"{spec}: not killed there (exit {run.returncode}): {run.stderr[-500:]}"
+    entry = swap.journal.get(ctx, g.name)
+    assert entry is not None, "killed mid-swap, yet no journal entry"
+    res = osimg("swap", "--resume", "--json", timeout=600)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode in (0, 8), res.stderr
+    [out] = json.loads(res.stdout)
+    assert out["ok"] or out["rolled_back"], out
+    if out["rolled_back"]:
+        assert g.name in res.stderr and "rolled back" in res.stderr, res.stderr
+    if entry["step"] == "committing":
+        assert out["ok"], "a swap that reached committing was not finished"
+    version = _check_whole(ctx, g, history, others)
+    before = _state(ctx, g.name)
+    again = osimg("swap", "--resume", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout) == [], again
+    assert _state(ctx, g.name) == before
+    print(f"\n[measure] {strategy} killed at {point} (step {entry['step']}) after {killed:.1f}s; resume "
+          f"{'finished' if out['ok'] else 'rolled back'} -> {version} in {time.monotonic() - t0 - killed:.1f}s")
+
+
+def _swap_cli(g: guests.Guest, target: str, strategy: str, spec: str | None = None) -> subprocess.Popen[str]:
+    exe = Path(sys.executable).parent / "osimg"
+    env = {**os.environ, "OSIMG_HOME": str(HOME)}
+    if spec:
+        env[ENV] = spec
+    return subprocess.Popen([str(exe), "swap", g.name, "--to", target, "--strategy", strategy, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize(("strategy", "sig", "at"), [("warm", signal.SIGTERM, "paged-out"),
+                                                     ("cold", signal.SIGINT, "stopping")])
+def test_signal_mid_swap_finishes_the_step_then_rolls_back(ctx: Context, crash_guests: dict[str, guests.Guest],
+                                                           strategy: str, sig: signal.Signals, at: str) -> None:
+    g = guests.load(ctx, crash_guests[strategy].name)
+    history = _history(ctx, g, add=f"before-{sig.name}")
+    proc = _swap_cli(g, V2 if g.image == V1 else V1, strategy)
+    seen = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and seen is None:
+        rec = swap.journal.get(ctx, g.name)
+        if rec and rec.get("step") == at:
+            seen = rec["step"]
+            proc.send_signal(sig)
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=300)
+    assert seen == at, f"the swap never reached {at}: {err}"
+    assert proc.returncode == 8, (proc.returncode, err)
+    assert "Traceback" not in err
+    [r] = json.loads(out)
+    assert r["rolled_back"] and f"interrupted by {sig.name}" in r["error"], r
+    assert "osimg swap --resume" in err.strip().splitlines()[-1], err
+    assert guests.load(ctx, g.name).image == g.image
+    _check_whole(ctx, g, history, {x.name for x in crash_guests.values()})
+
+
+@pytest.mark.guest
+def test_error_in_the_window_rolls_back_and_a_failed_rollback_reports_both(
+        ctx: Context, crash_guests: dict[str, guests.Guest]) -> None:
+    g = guests.load(ctx, crash_guests["warm"].name)
+    others = {x.name for x in crash_guests.values()}
+    history = _history(ctx, g, add="before-oserror")
+    target = V2 if g.image == V1 else V1
+    proc = _swap_cli(g, target, "warm", "warm-paged-in=error")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 8 and "Traceback" not in err, err
+    [r] = json.loads(out)
+    assert r["rolled_back"] and "failpoint warm-paged-in: injected failure" in r["error"], r
+    _check_whole(ctx, g, history, others)
+    # the rollback fails too (disk full again): both errors are reported and the journal stays for resume
+    proc = _swap_cli(g, target, "warm", "warm-paged-in=error,rollback-data-attached=error")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 8 and "Traceback" not in err, err
+    [r] = json.loads(out)
+    assert not r["rolled_back"] and not r["ok"], r
+    assert "failpoint warm-paged-in" in r["error"] and "the rollback failed too" in r["error"], r
+    assert "failpoint rollback-data-attached" in r["error"], r
+    assert "osimg swap --resume" in err.strip().splitlines()[-1], err
+    assert swap.journal.get(ctx, g.name) is not None
+    res = osimg("swap", "--resume", "--json")
+    assert res.returncode == 8 and "rolled back" in res.stderr, res
+    _check_whole(ctx, g, history, others)
