@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import guests, swap
+from orchestrator.cluster import open_store
 from orchestrator.context import Context
 from orchestrator.failpoints import ENV
 from orchestrator.images import lifecycle
@@ -33,6 +34,7 @@ from orchestrator.process import dead_local_holder, holder_id
 from orchestrator.settings import SOURCE_ROOT
 from orchestrator.swap.steps import PAGEIN_FILE, ROLLBACK_SNAPSHOT
 
+from .cluster_fixtures import ETCD_SH, free_ports
 from .conftest import HOME, RUN_ID, gname, osimg
 
 V1, V2 = f"c{RUN_ID}-v1", f"c{RUN_ID}-v2"
@@ -230,13 +232,14 @@ def test_kill_at_failpoint_then_resume(ctx: Context, crash_guests: dict[str, gue
           f"{'finished' if out['ok'] else 'rolled back'} -> {version} in {time.monotonic() - t0 - killed:.1f}s")
 
 
-def _swap_cli(g: guests.Guest, target: str, strategy: str, spec: str | None = None) -> subprocess.Popen[str]:
+def _swap_cli(g: guests.Guest, target: str, strategy: str, spec: str | None = None,
+             store: list[str] | None = None) -> subprocess.Popen[str]:
     exe = Path(sys.executable).parent / "osimg"
     env = {**os.environ, "OSIMG_HOME": str(HOME)}
     if spec:
         env[ENV] = spec
-    return subprocess.Popen([str(exe), "swap", g.name, "--to", target, "--strategy", strategy, "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    args = [str(exe), *(store or []), "swap", g.name, "--to", target, "--strategy", strategy, "--json"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 @pytest.mark.guest
@@ -292,3 +295,50 @@ def test_error_in_the_window_rolls_back_and_a_failed_rollback_reports_both(
     res = osimg("swap", "--resume", "--json")
     assert res.returncode == 8 and "rolled back" in res.stderr, res
     _check_whole(ctx, g, history, others)
+
+
+@pytest.mark.guest
+@pytest.mark.etcd
+def test_store_down_longer_than_the_lease_stops_the_swap_where_it_stands(
+        ctx: Context, crash_guests: dict[str, guests.Guest], tmp_path: Path) -> None:
+    """etcd hangs (SIGSTOP) for longer than the swap's lock lease in the middle of a warm swap: the
+    swap must stop where it stands (no step without its journal entry, no rollback it cannot fence),
+    say so, keep the journal, and a resume once etcd is back must bring the guest back whole."""
+    if subprocess.run([ETCD_SH, "install"], capture_output=True, timeout=600).returncode != 0:
+        pytest.skip("etcd could not be installed from Debian packages")
+    port, peer = free_ports(2)
+    started = subprocess.run([ETCD_SH, "start", str(port), str(tmp_path / "etcd"), str(peer)],
+                             capture_output=True, text=True, timeout=60, check=True)
+    etcd_pid = int(started.stdout.strip())
+    url = f"etcd://127.0.0.1:{port}/crash-{RUN_ID}"
+    g = guests.load(ctx, crash_guests["warm"].name)
+    history = _history(ctx, g, add="before-etcd-down")
+    try:
+        proc = _swap_cli(g, V2 if g.image == V1 else V1, "warm", store=["--store", url])
+        with open_store(url) as watcher:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and proc.poll() is None:
+                rec = watcher.get(swap.journal.KIND, g.name)
+                if rec and rec.get("step") == "paged-out":
+                    break
+                time.sleep(0.02)
+        os.kill(etcd_pid, signal.SIGSTOP)
+        time.sleep(swap.journal.LOCK_TTL + 3)
+        os.kill(etcd_pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 8 and "Traceback" not in err, (proc.returncode, err)
+        [r] = json.loads(out)
+        assert not r["ok"] and not r["rolled_back"] and "stopped where it stood" in r["error"], r
+        assert "osimg swap --resume" in err.strip().splitlines()[-1], err
+        etcd_ctx = Context.from_env(home=str(HOME), store=url)
+        try:
+            assert swap.journal.get(etcd_ctx, g.name) is not None, "the journal was not kept"
+            res = osimg("--store", url, "swap", "--resume", "--json")
+            assert res.returncode in (0, 8) and "Traceback" not in res.stderr, res
+            assert swap.journal.entries(etcd_ctx) == []
+        finally:
+            etcd_ctx.close()
+        _check_whole(ctx, g, history, {x.name for x in crash_guests.values()})
+    finally:
+        os.kill(etcd_pid, signal.SIGCONT)
+        subprocess.run([ETCD_SH, "stop", str(etcd_pid)], timeout=30, check=False)

@@ -185,7 +185,14 @@ def roll_back(ctx: Context, lease: Lease, res: SwapResult, old: guests.Guest, ne
 
 
 def finish(ctx: Context, lease: Lease, res: SwapResult, old: guests.Guest, new: guests.Guest, t0: float) -> None:
-    commit(ctx, lease, old, new)
+    try:
+        commit(ctx, lease, old, new)
+    except ClusterError:
+        raise
+    except Exception as err:  # the new OS passed its checks: a resume finishes the commit, never rolls back
+        res.error = f"{res.strategy} swap passed its checks but its commit failed: {describe(err)}; " \
+                    f"the journal is kept: {RESUME_HINT}"
+        return
     res.ok = True
     res.new_version = new.os_version
     step(res, "commit", t0)
