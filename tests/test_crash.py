@@ -29,7 +29,7 @@ from orchestrator import guests, swap
 from orchestrator.cluster import open_store
 from orchestrator.context import Context
 from orchestrator.failpoints import ENV
-from orchestrator.images import lifecycle
+from orchestrator.images import catalog, lifecycle
 from orchestrator.process import dead_local_holder, holder_id
 from orchestrator.settings import SOURCE_ROOT
 from orchestrator.swap.steps import PAGEIN_FILE, ROLLBACK_SNAPSHOT
@@ -313,6 +313,9 @@ def test_store_down_longer_than_the_lease_stops_the_swap_where_it_stands(
     url = f"etcd://127.0.0.1:{port}/crash-{RUN_ID}"
     g = guests.load(ctx, crash_guests["warm"].name)
     history = _history(ctx, g, add="before-etcd-down")
+    with open_store(url) as etcd:  # the image catalog lives in the store too
+        for name, rec in ctx.store.items(catalog.KIND):
+            etcd.put(catalog.KIND, name, rec)
     try:
         proc = _swap_cli(g, V2 if g.image == V1 else V1, "warm", store=["--store", url])
         with open_store(url) as watcher:
