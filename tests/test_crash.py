@@ -36,6 +36,7 @@ from orchestrator.swap.steps import PAGEIN_FILE, ROLLBACK_SNAPSHOT
 
 from .cluster_fixtures import ETCD_SH, free_ports
 from .conftest import HOME, RUN_ID, gname, osimg
+from .writer import ConsoleWatch, Writer, check, read_records
 
 V1, V2 = f"c{RUN_ID}-v1", f"c{RUN_ID}-v2"
 PACKAGE = SOURCE_ROOT / "orchestrator"
@@ -205,31 +206,40 @@ def test_kill_at_failpoint_then_resume(ctx: Context, crash_guests: dict[str, gue
     others = {x.name for x in crash_guests.values()}
     history = _history(ctx, g, add=f"before-{strategy}-{point}")
     target = V2 if g.image == V1 else V1
-    t0 = time.monotonic()
-    exe = Path(sys.executable).parent / "osimg"
-    run = subprocess.run([str(exe), "swap", g.name, "--to", target, "--strategy", strategy, "--json"],
-                         capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OSIMG_HOME": str(HOME), ENV: spec})
-    killed = time.monotonic() - t0
-    assert run.returncode == -signal.SIGKILL, f"{spec}: not killed there (exit {run.returncode}): {run.stderr[-500:]}"
-    entry = swap.journal.get(ctx, g.name)
-    assert entry is not None, "killed mid-swap, yet no journal entry"
-    res = osimg("swap", "--resume", "--json", timeout=600)
-    assert "Traceback" not in res.stderr, res.stderr
-    assert res.returncode in (0, 8), res.stderr
-    [out] = json.loads(res.stdout)
-    assert out["ok"] or out["rolled_back"], out
-    if out["rolled_back"]:
-        assert g.name in res.stderr and "rolled back" in res.stderr, res.stderr
-    if entry["step"] == "committing":
-        assert out["ok"], "a swap that reached committing was not finished"
-    version = _check_whole(ctx, g, history, others)
+    with ConsoleWatch(g.console(ctx)) as watch:
+        # a workload the image does not know appends and syncs records to /data throughout
+        Writer().start(ctx, g)
+        t0 = time.monotonic()
+        exe = Path(sys.executable).parent / "osimg"
+        run = subprocess.run([str(exe), "swap", g.name, "--to", target, "--strategy", strategy, "--json"],
+                             capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "OSIMG_HOME": str(HOME), ENV: spec})
+        killed = time.monotonic() - t0
+        assert run.returncode == -signal.SIGKILL, \
+            f"{spec}: not killed there (exit {run.returncode}): {run.stderr[-500:]}"
+        entry = swap.journal.get(ctx, g.name)
+        assert entry is not None, "killed mid-swap, yet no journal entry"
+        res = osimg("swap", "--resume", "--json", timeout=600)
+        assert "Traceback" not in res.stderr, res.stderr
+        assert res.returncode in (0, 8), res.stderr
+        [out] = json.loads(res.stdout)
+        assert out["ok"] or out["rolled_back"], out
+        if out["rolled_back"]:
+            assert g.name in res.stderr and "rolled back" in res.stderr, res.stderr
+        if entry["step"] == "committing":
+            assert out["ok"], "a swap that reached committing was not finished"
+        version = _check_whole(ctx, g, history, others)
+        now = guests.load(ctx, g.name)
+        Writer.stop(ctx, now)
+        synced = watch.stop()
+    verdict = check(read_records(ctx, now), synced, minimum=0)
     before = _state(ctx, g.name)
     again = osimg("swap", "--resume", "--json")
     assert again.returncode == 0 and json.loads(again.stdout) == [], again
     assert _state(ctx, g.name) == before
     print(f"\n[measure] {strategy} killed at {point} (step {entry['step']}) after {killed:.1f}s; resume "
-          f"{'finished' if out['ok'] else 'rolled back'} -> {version} in {time.monotonic() - t0 - killed:.1f}s")
+          f"{'finished' if out['ok'] else 'rolled back'} -> {version} in {time.monotonic() - t0 - killed:.1f}s; "
+          f"writer: {verdict}")
 
 
 def _swap_cli(g: guests.Guest, target: str, strategy: str, spec: str | None = None,

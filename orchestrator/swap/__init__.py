@@ -217,7 +217,8 @@ def _resume_one(ctx: Context, lease: Any, rec: dict[str, Any], res: SwapResult, 
         progress(f"{name}: {res.error}")
         return
     healthy = step == journal.COMMITTING
-    why = f"interrupted at step {rec.get('rollback_from') or step}"
+    back = rec.get("rollback_from")
+    why = "interrupted while rolling back" if back == journal.OLD_OS_BACK else f"interrupted at step {back or step}"
     if step in ("customized", "booted") and ctx.hv.is_active(name):
         try:
             health(ctx, new, new.os_version, None, 60)

@@ -27,8 +27,9 @@ PREPARING = "preparing"
 PREPARED = "prepared"
 COMMITTING = "committing"
 ROLLING_BACK = "rolling-back"
+OLD_OS_BACK = "old-os-back"  # a rollback's progress: the old OS runs again, only data and cleanup remain
 # Steps in which the guest never left its old OS (it may be quiesced, not replaced).
-BEFORE_PAGE_OUT = (PREPARING, PREPARED, "releasing", "released", "quiesced", "stopping")
+BEFORE_PAGE_OUT = (PREPARING, PREPARED, "releasing", "released", "quiesced", "stopping", OLD_OS_BACK)
 
 
 def lock_name(guest: str) -> str:

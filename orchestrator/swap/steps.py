@@ -255,6 +255,8 @@ def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | N
         ctx.hv.snapshot_revert(old.name, ROLLBACK_SNAPSHOT)
         failpoint("rollback-reverted")
         ctx.hv.snapshot_delete(old.name, ROLLBACK_SNAPSHOT)
+        # a resume from here must not boot the old OS again: its memory state is back
+        journal.write(ctx, lease, old.name, rollback_from=journal.OLD_OS_BACK)
         failpoint("rollback-snapshot-removed")
     elif exists and ctx.hv.is_active(old.name) and step in journal.BEFORE_PAGE_OUT:
         pass  # never left the old OS
@@ -266,6 +268,7 @@ def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | N
         ctx.hv.start(old.name)
         failpoint("rollback-old-booted")
         guests.wait_ready(ctx, old)
+        journal.write(ctx, lease, old.name, rollback_from=journal.OLD_OS_BACK)
     if ctx.hv.state(old.name) == "paused":
         ctx.hv.resume(old.name)
     with contextlib.suppress(OsimgError):
