@@ -12,7 +12,18 @@ from ..host import qemu_img
 from ..images import catalog
 from ..process import Progress, holder_id
 from . import journal
-from .steps import SwapResult, finish, health, moved, new_overlay_name, persistent_xml, roll_back, step
+from .steps import (
+    SwapResult,
+    finish,
+    health,
+    moved,
+    new_overlay_name,
+    persistent_xml,
+    quiesce,
+    roll_back,
+    start_workload,
+    step,
+)
 
 
 def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResult, progress: Progress,
@@ -27,6 +38,10 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
              old=asdict(old), new=asdict(new), holder=holder_id(), started=time.time())
     down = time.monotonic()
     try:
+        progress(f"{g.name}: quiesce")
+        # a workload that keeps writing through the shutdown would write onto the old root file system
+        quiesce(ctx, g, res)
+        step(res, "quiesce", t0)
         progress(f"{g.name}: shut down")
         ctx.hv.shutdown(g.name)
         journal.write(ctx, g.name, step="stopped")
@@ -37,6 +52,7 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         ctx.hv.start(g.name)
         journal.write(ctx, g.name, step="booted")
         guests.wait_ready(ctx, new, timeout=health_timeout)
+        start_workload(ctx, new)
         step(res, "boot", t0)
         n = health(ctx, new, target.os_version, res.counter_before, health_timeout)
         res.downtime = round(time.monotonic() - down, 3)

@@ -20,7 +20,6 @@ from ..process import Progress, holder_id
 from . import journal
 from .steps import (
     PAGEIN_FILE,
-    RELEASE_DATA,
     ROLLBACK_SNAPSHOT,
     SwapResult,
     finish,
@@ -28,7 +27,9 @@ from .steps import (
     health,
     moved,
     new_overlay_name,
+    quiesce,
     roll_back,
+    start_workload,
     step,
 )
 
@@ -59,7 +60,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         # The old OS lets go of the data volume first: its page cache of /data must not survive
         # into a rollback after the new OS has written there.
         journal.write(ctx, g.name, step="releasing")
-        guest_sh(ctx, g, RELEASE_DATA, "stopping the application and unmounting /data", timeout=60)
+        quiesce(ctx, g, res)
         data_disk = guests.data_disk(ctx, g)
         if data_disk is not None:
             ctx.hv.detach_disk(g.name, data_disk)
@@ -87,6 +88,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
             ctx.hv.agent(g.name, "guest-set-time", {"time": time.time_ns()}, timeout=5)
         progress(f"{g.name}: customize and start the application")
         guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid), "live customization")
+        start_workload(ctx, new)
         journal.write(ctx, g.name, step="customized")
         step(res, "customize", t0)
         first = (guests.wait_app(new.app_port, timeout=health_timeout, poll=0.02)
