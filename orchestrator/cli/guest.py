@@ -66,6 +66,8 @@ def cmd_guest_list(ctx: Context, a: argparse.Namespace) -> int:
     rows = [{"name": g.name, "image": g.image, "os_version": g.os_version, "state": guests.status(ctx, g),
              "accel": g.accel, "ssh_port": g.ssh_port, "app_port": g.app_port, "hidden": g.hidden}
             for g in guests.all_guests(ctx, hidden=a.all)]
+    rows += [{"name": name, "image": "?", "os_version": "?", "state": "broken", "accel": "?", "ssh_port": None,
+              "app_port": None, "hidden": False, "error": why} for name, why in guests.broken_guests(ctx).items()]
     if a.json:
         emit_json(rows)
         return 0
@@ -73,6 +75,9 @@ def cmd_guest_list(ctx: Context, a: argparse.Namespace) -> int:
     for r in rows:
         t.add_row(*(str(r[k]) for k in ("name", "image", "os_version", "state", "accel", "ssh_port", "app_port")))
     out.print(t)
+    for r in rows:
+        if r.get("error"):
+            out.print(f"{r['name']}: {r['error']}", markup=False)
     return 0
 
 

@@ -27,7 +27,7 @@ from ..context import Context
 from ..customize import Customization, Mount, Quiesce, User
 from ..errors import NotFoundError, OsimgError, ValidationError
 from ..images import catalog
-from ..validate import NAME_RE, load_yaml_file, parse_size
+from ..validate import NAME_RE, load_yaml_file, parse_size, short
 from ..validate import name as valid_name
 
 KIND = "fleet"
@@ -247,8 +247,8 @@ def _guest(r: _Reader, key: str, raw: Any, defaults: dict[str, Any],
     vcpus = r.integer(g.get("vcpus", 1), f"{key}.vcpus", 1, 64)
     if "network" in g:
         net_name = g["network"]
-        if net_name not in networks:
-            raise r.error(f"{key}.network", f"unknown network {net_name!r}; the spec defines "
+        if not isinstance(net_name, str) or net_name not in networks:
+            raise r.error(f"{key}.network", f"unknown network {short(net_name)}; the spec defines "
                                             f"{', '.join(sorted(networks))}")
     elif len(networks) == 1:
         net_name = next(iter(networks))

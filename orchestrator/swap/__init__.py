@@ -46,6 +46,7 @@ from ..context import Context
 from ..errors import OsimgError, SwapError
 from ..images import catalog
 from ..process import Progress, holder_id, quiet
+from ..validate import name as valid_name
 from . import journal
 from .cold import cold
 from .plan import STRATEGIES, Plan, plan
@@ -110,13 +111,19 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
     """Finish or roll back every swap a killed orchestrator left in the journal."""
     out = []
     for rec in journal.entries(ctx):
-        name = rec["guest"]
+        try:
+            name = valid_name(rec.get("guest"), "guest name in the swap journal")
+            old = guests.from_dict(rec.get("old"), f"swap journal record of {name}: old")
+            new = guests.from_dict(rec.get("new"), f"swap journal record of {name}: new")
+        except OsimgError as err:
+            # a record cut short or edited by hand: say so and leave it for a person to look at
+            out.append(SwapResult(str(rec.get("guest"))[:63], str(rec.get("strategy"))[:10], "?", "?", "?",
+                                  error=f"{err}; nothing was done for this record"))
+            continue
         if not (ctx.settings.guests_dir / name).exists():
             progress(f"{name}: the guest was removed; dropping its journal entry")
             journal.drop(ctx, name)
             continue
-        old = guests.Guest(**rec["old"])
-        new = guests.Guest(**rec["new"])
         res = SwapResult(name, rec.get("strategy", "?"), old.image, new.image, old.os_version)
         try:
             with ctx.store.lock(journal.lock_name(name), holder_id(), journal.LOCK_TTL, wait=journal.LOCK_TTL + 5):
