@@ -19,7 +19,7 @@ from typing import Any
 import pycdlib
 
 from .errors import ValidationError
-from .validate import ip_address, ip_interface
+from .validate import ip_address, ip_interface, parse_duration, short
 
 USER_RE_ALLOWED = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
@@ -45,6 +45,46 @@ class Mount:
     options: str = "defaults"
 
 
+MAX_COMMAND = 4096
+
+
+@dataclass
+class Quiesce:
+    """How to stop and start the guest's own workload around a swap, besides the image's application.
+
+    ``stop`` runs in the guest first; whatever still has the data volume open or as its working
+    directory after ``grace`` seconds is killed, because /data must be unmounted before the other OS
+    may write to it. ``start`` runs once /data is back: on the new OS, and on the old one after a
+    rollback, so it must be harmless when the workload already runs."""
+
+    stop: str | None = None
+    start: str | None = None
+    grace: float = 10.0
+
+    def validate(self, where: str) -> Quiesce:
+        for label, cmd in (("stop", self.stop), ("start", self.start)):
+            if cmd is not None and (not isinstance(cmd, str) or not cmd.strip() or "\0" in cmd
+                                    or len(cmd) > MAX_COMMAND):
+                raise ValidationError(f"{where}.quiesce.{label} {short(cmd)}: expected a shell command of at most "
+                                      f"{MAX_COMMAND} characters")
+        self.grace = parse_duration(self.grace, f"{where}.quiesce.grace", 0, 600)
+        return self
+
+    @classmethod
+    def from_value(cls, value: Any, where: str) -> Quiesce:
+        """From a spec's mapping (``stop``, ``start``, ``grace``), refusing any other key or shape."""
+        if value is None:
+            return cls()
+        if not isinstance(value, dict):
+            raise ValidationError(f"{where}.quiesce: expected a mapping with keys stop, start, grace, got "
+                                  f"{short(value)}")
+        unknown = [k for k in value if k not in ("stop", "start", "grace")]
+        if unknown:
+            raise ValidationError(f"{where}.quiesce.{short(unknown[0])}: unknown key; expected stop, start, grace")
+        return cls(stop=value.get("stop"), start=value.get("start"),
+                   grace=value["grace"] if value.get("grace") is not None else 10.0).validate(where)
+
+
 @dataclass
 class Customization:
     """The design's per-LPAR changes: identity, network, mounts, scripts, accounts, kernel."""
@@ -58,6 +98,7 @@ class Customization:
     groups: list[str] = field(default_factory=list)
     kernel_modules: list[str] = field(default_factory=list)
     kernel_params: list[str] = field(default_factory=list)
+    quiesce: Quiesce = field(default_factory=Quiesce)
 
     def validate(self, where: str = "customization") -> Customization:
         """Check every field; errors name ``where`` and the field. Returns self for chaining."""
@@ -124,6 +165,7 @@ class Customization:
         for script in self.init_scripts:
             if not isinstance(script, str) or not script.strip():
                 raise ValidationError(f"{where}.init_scripts: {script!r} is not a command")
+        self.quiesce.validate(where)
         return self
 
     def with_data(self, data_uuid: str | None, path: str = DATA_MOUNT) -> Customization:
@@ -164,6 +206,7 @@ class Customization:
         d = dict(data)
         d["users"] = [User(**u) for u in d.get("users", [])]
         d["mounts"] = [Mount(**m) for m in d.get("mounts", [])]
+        d["quiesce"] = Quiesce(**(d.get("quiesce") or {}))
         return cls(**d)
 
 

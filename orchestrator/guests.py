@@ -16,23 +16,26 @@ import time
 import urllib.error
 import urllib.request
 import uuid as uuidlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from . import customize
 from .context import Context
-from .errors import ConflictError, NotFoundError, OsimgError, StorageError, ValidationError
+from .errors import ConflictError, NotFoundError, StorageError, ValidationError
 from .host import qemu_img
 from .host.console import wait_for_serial
 from .host.domain import DiskSpec, DomainSpec, NetSpec
 from .host.ssh import Session
 from .images import catalog
 from .validate import name as valid_name
+from .validate import short
 
 DATA_LABEL = "osimg-data"
 DATA_TARGET = "vdc"
 DATA_SERIAL = "osimg-data"
+MAX_VCPUS = 64
+MIN_DATA, MAX_DATA = 8 << 20, 16 << 40  # mkfs.ext4 needs a few MiB; the fleet spec allows the same range
 
 
 @dataclass
@@ -96,22 +99,89 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+MAX_RECORD = 1 << 20
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str, "int": int, "bool": bool, "float": (int, float), "str | None": (str, type(None)),
+    "dict[str, Any]": dict}
+
+
+def read_record(path: Path) -> Guest:
+    """A guest.json as a Guest, or a StorageError that says what is wrong with it: a record is data
+    written by an earlier run (maybe cut short by a crash or edited by hand), not something to trust."""
+    what = f"guest record {path}"
+    hint = f"; remove the guest with 'osimg guest rm {path.parent.name}'"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECORD + 1)
+        data = json.loads(raw.decode("utf-8"))
+    except OSError as err:
+        raise StorageError(f"{what} cannot be read: {err.strerror}{hint}") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise StorageError(f"{what} is broken (not JSON: {str(err)[:60]}){hint}") from None
+    if len(raw) > MAX_RECORD:
+        raise StorageError(f"{what} is broken (larger than {MAX_RECORD >> 20} MiB){hint}")
+    g = from_dict(data, what, hint)
+    if g.name != path.parent.name:
+        raise StorageError(f"{what} is broken (it names {short(g.name, 40)}){hint}")
+    return g
+
+
+def from_dict(data: object, what: str, hint: str = "") -> Guest:
+    """A Guest from stored data (a guest.json, a swap journal's copy), checked field by field."""
+    if not isinstance(data, dict):
+        raise StorageError(f"{what} is broken (not a guest record){hint}")
+    names = {f.name: f for f in fields(Guest)}
+    unknown = sorted(set(data) - set(names))
+    missing = [n for n, f in names.items() if n not in data and f.default is MISSING
+               and f.default_factory is MISSING]
+    if unknown or missing:
+        raise StorageError(f"{what} is broken (missing {', '.join(missing) or 'nothing'}, unknown "
+                           f"{short(', '.join(unknown)) if unknown else 'nothing'}){hint}")
+    for n, v in data.items():
+        want = FIELD_TYPES.get(str(names[n].type))
+        if want is not None and (not isinstance(v, want) or (isinstance(v, bool) and want is int)):
+            raise StorageError(f"{what} is broken ({n} is {short(v, 40)}){hint}")
+    try:
+        valid_name(data["name"], "guest name")
+    except ValidationError as err:
+        raise StorageError(f"{what} is broken ({err}){hint}") from None
+    return Guest(**data)
+
+
 def load(ctx: Context, name: str) -> Guest:
     valid_name(name, "guest name")
     path = ctx.settings.guests_dir / name / "guest.json"
     if not path.exists():
         raise NotFoundError(f"no guest named {name!r} (see 'osimg guest list')")
-    return Guest(**json.loads(path.read_text()))
+    return read_record(path)
 
 
 def all_guests(ctx: Context, hidden: bool = False) -> list[Guest]:
+    """Every guest with a sound record; the broken ones are in ``broken_guests``, so one bad file
+    does not hide the others."""
     out = []
     root = ctx.settings.guests_dir
     if root.exists():
         for p in sorted(root.glob("*/guest.json")):
-            g = Guest(**json.loads(p.read_text()))
+            try:
+                g = read_record(p)
+            except StorageError:
+                continue
             if hidden or not g.hidden:
                 out.append(g)
+    return out
+
+
+def broken_guests(ctx: Context) -> dict[str, str]:
+    """Guest folders whose record cannot be read, with the reason (``guest list`` shows them)."""
+    out = {}
+    root = ctx.settings.guests_dir
+    if root.exists():
+        for p in sorted(root.glob("*/guest.json")):
+            try:
+                read_record(p)
+            except StorageError as err:
+                out[p.parent.name] = str(err)
     return out
 
 
@@ -168,8 +238,15 @@ def create(
     """
     valid_name(name, "guest name")
     custom = (custom or customize.Customization()).validate(f"guest {name}")
-    if memory_mib is not None and not 64 <= memory_mib <= 65536:
-        raise ValidationError(f"guest {name}: memory {memory_mib} MiB is outside 64..65536")
+    if memory_mib is not None and (isinstance(memory_mib, bool) or not isinstance(memory_mib, int)
+                                   or not 64 <= memory_mib <= 65536):
+        raise ValidationError(f"guest {name}: memory {short(memory_mib)} MiB is outside 64..65536")
+    if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+        raise ValidationError(f"guest {name}: vcpus {short(vcpus)} is outside 1..{MAX_VCPUS}")
+    if isinstance(data_size, bool) or not isinstance(data_size, int) or not (
+            data_size == 0 or MIN_DATA <= data_size <= MAX_DATA):
+        raise ValidationError(f"guest {name}: data volume size {short(data_size)} is outside 8M..16T "
+                              "(or 0 for none)")
     gdir = ctx.settings.guests_dir / name
     if gdir.exists():
         raise ConflictError(f"a guest named {name!r} already exists (remove it with 'osimg guest rm {name}')")
@@ -235,7 +312,7 @@ def remove(ctx: Context, name: str) -> None:
     gdir = ctx.settings.guests_dir / name
     if not gdir.exists():
         info = None
-        with contextlib.suppress(OsimgError):
+        with contextlib.suppress(NotFoundError):  # an unreachable libvirt is an error of its own, not "no guest"
             info = ctx.hv.info(name)
         if info is None or info.metadata.get("home") != str(ctx.settings.home):
             raise NotFoundError(f"no guest named {name!r} (see 'osimg guest list')")

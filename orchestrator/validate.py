@@ -80,6 +80,22 @@ def parse_size(value: object, what: str = "size", lo: int = 1, hi: int = MAX_SIZ
     return n
 
 
+DURATION_RE = re.compile(r"^\s*(\d{1,6}(?:\.\d{1,3})?)\s*(ms|s|m)?\s*$")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+
+
+def parse_duration(value: object, what: str = "duration", lo: float = 0.0, hi: float = 3600.0) -> float:
+    """Seconds from ``10s``, ``1.5s``, ``500ms``, ``2m`` or a plain number of seconds, within ``lo..hi``."""
+    text = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    m = DURATION_RE.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValidationError(f"invalid {what}: expected a duration such as 10s, 500ms or 2m, got {short(value)}")
+    n = float(m.group(1)) * DURATION_UNITS[m.group(2)]
+    if not lo <= n <= hi:
+        raise ValidationError(f"invalid {what}: {short(value)} is outside {lo:g}s..{hi:g}s")
+    return n
+
+
 def short(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: a message must never carry an 8 MB value."""
     text = repr(value)

@@ -8,13 +8,25 @@ here (``guest``, ``image``, ``swap``, ``fleet``, ``vios``, ``host``). Errors rai
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from ..context import Context
-from ..errors import OsimgError
+from ..errors import OsimgError, StorageError
 from . import fleet, guest, host, image, swap, vios
 from .common import err
+
+MAX_MESSAGE = 300
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage first) and cut short."""
+
+    def error(self, message: str) -> NoReturn:
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 3] + "..."
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 NOUNS = {"guest": "client guests", "image": "the image repository", "recipe": "guest OS recipes in images/",
          "fleet": "guests declared in a YAML fleet spec", "vios": "VIOS storage-server nodes",
@@ -22,7 +34,7 @@ NOUNS = {"guest": "client guests", "image": "the image repository", "recipe": "g
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="osimg", description="OS image management for libvirt guests")
+    p = Parser(prog="osimg", description="OS image management for libvirt guests")
     p.add_argument("--home", help="state folder (default $OSIMG_HOME or /var/lib/osimg)")
     p.add_argument("--uri", help="libvirt URI (default $OSIMG_URI or qemu:///system)")
     p.add_argument("--store", help="cluster store URL (default sqlite under the home folder)")
@@ -43,14 +55,30 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context.from_env(home=a.home, uri=a.uri, store=a.store)
         return int(a.fn(ctx, a))
     except OsimgError as e:
-        err.print(f"osimg: error: {e}", markup=False, highlight=False, soft_wrap=True)
-        return e.exit_code
+        return _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         err.print("osimg: interrupted")
         return 130
+    except OSError as e:  # a file osimg needs cannot be read or written (full disk, permissions)
+        if os.environ.get("OSIMG_DEBUG"):
+            raise
+        return _fail(f"{e.filename or 'file'}: {e.strerror or e}", StorageError.exit_code)
+    except Exception as e:  # a bug: still one line, with the way to see the whole story
+        if os.environ.get("OSIMG_DEBUG"):
+            raise
+        return _fail(f"unexpected {type(e).__name__}: {e} (a bug in osimg; OSIMG_DEBUG=1 shows the traceback)", 1)
     finally:
         if ctx is not None:
             ctx.close()
+
+
+def _fail(message: str, code: int) -> int:
+    """The one form every error takes: one line on stderr (a value in it may be huge: cut), an exit code."""
+    line = " ".join(message.split())
+    if len(line) > MAX_MESSAGE:
+        line = line[: MAX_MESSAGE - 3] + "..."
+    err.print(f"osimg: error: {line}", markup=False, highlight=False, soft_wrap=True)
+    return code
 
 
 if __name__ == "__main__":

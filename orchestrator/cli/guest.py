@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .. import guests
 from ..context import Context
+from ..customize import Customization, Quiesce
 from .common import add, emit_json, mib, out, remove_each, size_arg, status
 
 
@@ -22,6 +23,12 @@ def register(nouns: dict[str, Any]) -> None:
     c.add_argument("--vcpus", type=int, default=1)
     c.add_argument("--data-size", type=size_arg, help="data volume size (e.g. 256M; plain number: MiB)")
     c.add_argument("--no-wait", action="store_true", help="return once started, without waiting for SSH")
+    c.add_argument("--quiesce-stop", metavar="CMD", help="shell command in the guest that stops its workload "
+                   "before a swap (besides the image's application)")
+    c.add_argument("--quiesce-start", metavar="CMD", help="shell command that starts the workload again after a "
+                   "swap or rollback (must be harmless when it already runs)")
+    c.add_argument("--quiesce-grace", metavar="DURATION", default="10s",
+                   help="how long the workload may keep /data busy before it is killed (default 10s)")
     ls = add(guest, "list", cmd_guest_list, "list guests")
     ls.add_argument("--all", action="store_true", help="include hidden builder guests")
     s = add(guest, "ssh", cmd_guest_ssh, "run a command in a guest over SSH (pinned host key)", json_flag=False)
@@ -38,9 +45,10 @@ def register(nouns: dict[str, Any]) -> None:
 
 # -- guest --------------------------------------------------------------------------------------------
 def cmd_guest_create(ctx: Context, a: argparse.Namespace) -> int:
+    quiesce = Quiesce(stop=a.quiesce_stop, start=a.quiesce_start, grace=a.quiesce_grace).validate(f"guest {a.name}")
     with status(a, f"creating {a.name} from {a.image}"):
-        g = guests.create(ctx, a.name, a.image, memory_mib=a.memory, vcpus=a.vcpus,
-                              data_size=a.data_size or 0)
+        g = guests.create(ctx, a.name, a.image, custom=Customization(quiesce=quiesce), memory_mib=a.memory,
+                          vcpus=a.vcpus, data_size=a.data_size or 0)
         ready = guests.wait_ready(ctx, g) if not a.no_wait else None
     info = {"name": g.name, "image": g.image, "os_version": g.os_version, "accel": g.accel,
             "ssh_port": g.ssh_port, "app_port": g.app_port, "ready_seconds": ready}
@@ -58,6 +66,8 @@ def cmd_guest_list(ctx: Context, a: argparse.Namespace) -> int:
     rows = [{"name": g.name, "image": g.image, "os_version": g.os_version, "state": guests.status(ctx, g),
              "accel": g.accel, "ssh_port": g.ssh_port, "app_port": g.app_port, "hidden": g.hidden}
             for g in guests.all_guests(ctx, hidden=a.all)]
+    rows += [{"name": name, "image": "?", "os_version": "?", "state": "broken", "accel": "?", "ssh_port": None,
+              "app_port": None, "hidden": False, "error": why} for name, why in guests.broken_guests(ctx).items()]
     if a.json:
         emit_json(rows)
         return 0
@@ -65,6 +75,9 @@ def cmd_guest_list(ctx: Context, a: argparse.Namespace) -> int:
     for r in rows:
         t.add_row(*(str(r[k]) for k in ("name", "image", "os_version", "state", "accel", "ssh_port", "app_port")))
     out.print(t)
+    for r in rows:
+        if r.get("error"):
+            out.print(f"{r['name']}: {r['error']}", markup=False)
     return 0
 
 

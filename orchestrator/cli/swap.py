@@ -89,6 +89,10 @@ def _report_swaps(results: list[swap.SwapResult], as_json: bool, empty: str = "n
                       f"{r.downtime:.2f}s" if r.downtime is not None else "-",
                       f"{r.counter_before} -> {r.counter_after}", r.error or "")
         out.print(t)
+        for r in results:
+            if r.stopped or r.killed:
+                out.print(f"{r.guest}: workload on /data: held by {', '.join(r.stopped) or 'nothing'}; "
+                          f"killed after the grace: {', '.join(r.killed) or 'nothing'}", markup=False)
     return 0 if all(r.ok for r in results) else SwapError.exit_code
 
 

@@ -24,10 +24,10 @@ from typing import Any
 
 from .. import recipes
 from ..context import Context
-from ..customize import Customization, Mount, User
+from ..customize import Customization, Mount, Quiesce, User
 from ..errors import NotFoundError, OsimgError, ValidationError
 from ..images import catalog
-from ..validate import NAME_RE, load_yaml_file, parse_size
+from ..validate import NAME_RE, load_yaml_file, parse_size, short
 from ..validate import name as valid_name
 
 KIND = "fleet"
@@ -40,11 +40,12 @@ URI_RE = re.compile(r"^[a-z][a-z0-9+]*://[^\s]*$")
 TOP_KEYS = ("name", "uri", "networks", "defaults", "guests")
 NETWORK_KEYS = ("mode", "subnet", "gateway", "network")
 SHARED_KEYS = ("image", "memory", "vcpus", "network", "netmask", "gateway", "data", "users", "groups", "mounts",
-               "init_scripts", "kernel_modules", "kernel_params")
+               "init_scripts", "kernel_modules", "kernel_params", "quiesce")
 GUEST_KEYS = ("name", "hostname", "ip", *SHARED_KEYS)
 USER_KEYS = ("name", "uid", "groups", "shell", "ssh_authorized_keys")
 MOUNT_KEYS = ("device", "path", "fstype", "options")
 DATA_KEYS = ("size", "mount")
+MAX_GUESTS = 1000  # a swap or an "up" runs a thread per guest of a batch: a spec is a fleet, not a flood
 
 # -- the spec ------------------------------------------------------------------------------------------
 @dataclass
@@ -169,6 +170,8 @@ def load(path: str | Path, ctx: Context | None = None) -> FleetSpec:
     raw_guests = top["guests"]
     if not isinstance(raw_guests, list) or not raw_guests:
         raise r.error("guests", f"expected a non-empty list of guests, got {_kind(raw_guests)}")
+    if len(raw_guests) > MAX_GUESTS:
+        raise r.error("guests", f"{len(raw_guests)} guests; a fleet spec holds at most {MAX_GUESTS}")
     guests = [_guest(r, f"guests[{i}]", g, defaults, networks) for i, g in enumerate(raw_guests)]
     _check_unique(r, guests)
     spec = FleetSpec(p, name, uri, networks, guests)
@@ -244,8 +247,8 @@ def _guest(r: _Reader, key: str, raw: Any, defaults: dict[str, Any],
     vcpus = r.integer(g.get("vcpus", 1), f"{key}.vcpus", 1, 64)
     if "network" in g:
         net_name = g["network"]
-        if net_name not in networks:
-            raise r.error(f"{key}.network", f"unknown network {net_name!r}; the spec defines "
+        if not isinstance(net_name, str) or net_name not in networks:
+            raise r.error(f"{key}.network", f"unknown network {short(net_name)}; the spec defines "
                                             f"{', '.join(sorted(networks))}")
     elif len(networks) == 1:
         net_name = next(iter(networks))
@@ -281,6 +284,7 @@ def _guest(r: _Reader, key: str, raw: Any, defaults: dict[str, Any],
         groups=r.strings(g.get("groups"), f"{key}.groups", "group names"),
         kernel_modules=r.strings(g.get("kernel_modules"), f"{key}.kernel_modules", "kernel module names"),
         kernel_params=r.strings(g.get("kernel_params"), f"{key}.kernel_params", "kernel parameters"),
+        quiesce=_quiesce(r, key, g.get("quiesce")),
     )
     if data is not None and any(m.path == data.mount for m in custom.mounts):
         raise r.error(f"{key}.mounts", f"{data.mount} is already the data volume's mount point ({key}.data.mount)")
@@ -341,6 +345,13 @@ def _data(r: _Reader, key: str, raw: Any) -> DataSpec | None:
             c.isspace() for c in mount):
         raise r.error(f"{key}.mount", f"expected an absolute path other than / without '..', got {mount!r}")
     return DataSpec(r.size(d["size"], f"{key}.size", 8 << 20, 16 << 40), mount)
+
+
+def _quiesce(r: _Reader, key: str, raw: Any) -> Quiesce:
+    try:
+        return Quiesce.from_value(raw, f"{r.path}: {key}")
+    except ValidationError as err:
+        raise ValidationError(str(err)) from None
 
 
 def _users(r: _Reader, key: str, raw: Any) -> list[User]:

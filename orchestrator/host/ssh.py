@@ -18,7 +18,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import GuestError
+from ..errors import GuestError, StorageError
 
 
 @dataclass
@@ -67,9 +67,19 @@ class Session:
 
     def __init__(self, port: int, host_key: str, key_file: Path, user: str = "root", timeout: float = 60) -> None:
         self.port = port
-        kind, b64 = host_key.split()[:2]
-        pinned = paramiko.PKey.from_type_string(kind, base64.b64decode(b64))
-        pkey = paramiko.Ed25519Key.from_private_key_file(str(key_file))
+        try:
+            kind, b64 = host_key.split()[:2]
+            pinned = paramiko.PKey.from_type_string(kind, base64.b64decode(b64, validate=True))
+        except (ValueError, paramiko.SSHException):
+            raise StorageError(f"127.0.0.1:{port}: the pinned host key {host_key[:40]!r} is not an OpenSSH public "
+                               "key line; the guest's record or image manifest is damaged") from None
+        try:
+            pkey = paramiko.Ed25519Key.from_private_key_file(str(key_file))
+        except OSError as err:
+            raise StorageError(f"osimg's client key {key_file} cannot be read ({err.strerror}); "
+                               "'osimg recipe build tiny:v1' or 'osimg doctor' creates it") from None
+        except paramiko.SSHException as err:
+            raise StorageError(f"osimg's client key {key_file} is not an ed25519 private key ({err})") from None
         deadline = time.monotonic() + timeout
         wait_banner(port, timeout)
         last: Exception | None = None

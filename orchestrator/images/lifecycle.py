@@ -19,8 +19,11 @@ from ..context import Context
 from ..errors import ConflictError, GuestError, OsimgError, ValidationError
 from ..host import qemu_img
 from ..process import Progress, quiet
-from ..validate import load_yaml_file
+from ..validate import load_yaml_file, short
+from ..validate import name as valid_name
 from . import catalog
+
+FILE_KEYS = ("path", "content", "mode")
 
 
 @dataclass
@@ -45,16 +48,23 @@ class BuildSteps:
         if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
             raise ValidationError(f"{path}: 'files' must be a list of mappings with path, content, mode")
         for i, f in enumerate(files):
+            unknown_keys = [str(k) for k in f if k not in FILE_KEYS]
+            if unknown_keys:
+                raise ValidationError(f"{path}: files[{i}]: unknown key {short(unknown_keys[0])}; expected "
+                                      f"{', '.join(FILE_KEYS)}")
             p = f.get("path")
-            if not isinstance(p, str) or not p.startswith("/") or ".." in p.split("/"):
-                raise ValidationError(f"{path}: files[{i}].path must be an absolute path without '..', got {p!r}")
+            if not isinstance(p, str) or not p.startswith("/") or ".." in p.split("/") or "\0" in p:
+                raise ValidationError(f"{path}: files[{i}].path must be an absolute path without '..', "
+                                      f"got {short(p)}")
             if not isinstance(f.get("content", ""), str):
                 raise ValidationError(f"{path}: files[{i}].content must be a string")
-            mode = str(f.get("mode", "0644"))
-            if not (len(mode) in (3, 4) and all(c in "01234567" for c in mode)):
-                raise ValidationError(f"{path}: files[{i}].mode must be octal like 0644, got {mode!r}")
-        if not isinstance(cmds, list) or not all(isinstance(c, str) for c in cmds):
-            raise ValidationError(f"{path}: 'commands' must be a list of strings")
+            mode = f.get("mode", "0644")
+            # YAML reads 0644 as the integer 420 and 644 as 644: only a quoted mode says what it means
+            if not isinstance(mode, str) or not (len(mode) in (3, 4) and all(c in "01234567" for c in mode)):
+                raise ValidationError(f"{path}: files[{i}].mode must be octal, as a quoted string like '0644' "
+                                      f"(YAML reads 0644 as the number 420), got {short(mode)}")
+        if not isinstance(cmds, list) or not all(isinstance(c, str) and c.strip() for c in cmds):
+            raise ValidationError(f"{path}: 'commands' must be a list of strings, none empty")
         return cls([{k: str(v) for k, v in f.items()} for f in files], list(cmds))
 
 
@@ -121,7 +131,12 @@ def dependents(ctx: Context, name: str) -> list[str]:
 
 
 def remove(ctx: Context, name: str) -> None:
-    catalog.get(ctx, name)
+    """Remove an image nothing depends on. A folder left without its catalog record (a crash between
+    the two) is removed too: ``image build`` refuses the name while the folder is there, so ``rm``
+    must be the way out."""
+    valid_name(name, "image name")
+    if ctx.store.get(catalog.KIND, name) is None and not catalog.image_dir(ctx, name).exists():
+        catalog.get(ctx, name)  # the not-found error, with the list of images
     deps = dependents(ctx, name)
     if deps:
         raise ConflictError(f"image {name!r} is in use by {', '.join(deps)}; remove those first")

@@ -53,6 +53,7 @@ from ..context import Context
 from ..errors import ClusterError, OsimgError, SwapError
 from ..images import catalog
 from ..process import Progress, dead_local_holder, holder_id, quiet
+from ..validate import name as valid_name
 from . import journal
 from .cold import cold
 from .plan import STRATEGIES, Plan, plan
@@ -167,13 +168,18 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
     """
     out = []
     for listed in journal.entries(ctx):
-        name = str(listed.get("guest", ""))
-        if not name or not (ctx.settings.guests_dir / name).exists():
-            progress(f"{name or '?'}: the guest was removed; dropping its journal entry")
-            if name:
-                journal.drop_unlocked(ctx, name)
+        try:
+            name = valid_name(listed.get("guest"), "guest name in the swap journal")
+        except OsimgError as err:
+            # a record cut short or edited by hand: say so and leave it for a person to look at
+            out.append(SwapResult(str(listed.get("guest"))[:63], str(listed.get("strategy"))[:10], "?", "?", "?",
+                                  error=f"{err}; nothing was done for this record"))
             continue
-        res = SwapResult(name, str(listed.get("strategy", "?")), str(listed.get("from_image", "?")),
+        if not (ctx.settings.guests_dir / name).exists():
+            progress(f"{name}: the guest was removed; dropping its journal entry")
+            journal.drop_unlocked(ctx, name)
+            continue
+        res = SwapResult(name, str(listed.get("strategy", "?"))[:10], str(listed.get("from_image", "?")),
                          str(listed.get("to_image", "?")), "?")
         try:
             holder = ctx.store.lock_holder(journal.lock_name(name))
@@ -200,12 +206,10 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
 
 def _resume_one(ctx: Context, lease: Any, rec: dict[str, Any], res: SwapResult, progress: Progress) -> None:
     name = res.guest
-    try:
-        old = guests.Guest(**rec["old"])
-        new = guests.Guest(**rec["new"])
-    except (KeyError, TypeError) as err:
-        raise SwapError(f"the journal entry of {name} is broken ({describe(err)}); inspect the guest by hand "
-                        f"and remove the entry") from None
+    old = guests.from_dict(rec.get("old"), f"swap journal record of {name}: old",
+                           "; inspect the guest by hand and remove the entry")
+    new = guests.from_dict(rec.get("new"), f"swap journal record of {name}: new",
+                           "; inspect the guest by hand and remove the entry")
     res.old_version = old.os_version
     step = str(rec.get("step", ""))
     if step in (journal.PREPARING, journal.PREPARED) and ctx.hv.is_active(name):

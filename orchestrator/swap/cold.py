@@ -24,7 +24,9 @@ from .steps import (
     moved,
     new_overlay_name,
     persistent_xml,
+    quiesce,
     roll_back,
+    start_workload,
     step,
 )
 
@@ -51,6 +53,10 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         raise SwapError(f"cold swap of {g.name} not started: {describe(err)}; the guest was not touched") from None
     down = time.monotonic()
     try:
+        progress(f"{g.name}: quiesce")
+        # a workload that keeps writing through the shutdown would write onto the old root file system
+        quiesce(ctx, g, res)
+        step(res, "quiesce", t0)
         progress(f"{g.name}: shut down")
         mark(ctx, lease, g.name, "stopping")
         failpoint("cold-stopping")
@@ -66,6 +72,7 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         mark(ctx, lease, g.name, "booted")
         failpoint("cold-booted")
         guests.wait_ready(ctx, new, timeout=health_timeout)
+        start_workload(ctx, new)
         step(res, "boot", t0)
         n = health(ctx, new, target.os_version, res.counter_before, health_timeout)
         res.downtime = round(time.monotonic() - down, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -15,7 +16,7 @@ from .. import guests
 from ..cluster.events import Event
 from ..cluster.store import Lease
 from ..context import Context
-from ..customize import live_script
+from ..customize import DATA_MOUNT, live_script, sh_quote
 from ..errors import ClusterError, GuestError, OsimgError, SwapError
 from ..failpoints import failpoint
 from ..host.domain import domain_xml
@@ -44,18 +45,70 @@ class SwapResult:
     counter_after: int | None = None
     error: str | None = None
     steps: dict[str, float] = field(default_factory=dict)
+    # the workload the quiesce met: processes that had /data before it ("PID NAME"), and those it
+    # had to kill because they kept /data busy past the grace
+    stopped: list[str] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)
 
 
 
-RELEASE_DATA = """
-/usr/sbin/osimg-app stop
+QUIESCED = "osimg-quiesced"  # the source name of the read-only tmpfs that covers an unmounted /data
+
+# POSIX sh for busybox and Debian. $1 the data mount point, $2 the grace in seconds, $3 the workload's
+# stop command (may be empty). Prints "held PID NAME" for each process that had /data before the
+# stop commands, "killed PID NAME" for each killed after the grace, "quiesced" at the end.
+QUIESCE = r"""
+set -u
+M=$1; GRACE=$2; STOP=$3
+grep -q "^[^ ]* $M " /proc/mounts || { echo quiesced; exit 0; }
+grep -q "^QUIESCED $M " /proc/mounts && { echo quiesced; exit 0; }
+ppid() { while read -r k v; do [ "$k" = PPid: ] && { echo "$v"; return; }; done <"/proc/$1/status"; echo 0; }
+# this script's own line of ancestors (the guest agent or the SSH session running it) is never touched
+anc=" 0 1 2 $$ "; p=$$
+while [ "$p" -gt 1 ]; do p=$(ppid "$p" 2>/dev/null || echo 0); anc="$anc$p "; done
+# processes with M (or a file under it) as working directory, root, open file or mapping
+holders() {
+  { ls -l /proc/[0-9]*/cwd /proc/[0-9]*/root /proc/[0-9]*/fd 2>/dev/null | awk -v m="$M" '
+      /^\/proc\/[0-9]+\/fd:$/ { split($0, a, "/"); pid = a[3]; next }
+      / -> / { i = index($0, " -> "); t = substr($0, i + 4); src = substr($0, 1, i - 1)
+               if (match(src, /\/proc\/[0-9]+\/(cwd|root)$/)) { split(substr(src, RSTART), a, "/"); p = a[3] }
+               else p = pid
+               if (t == m || index(t, m "/") == 1) print p }'
+    grep -l " $M/" /proc/[0-9]*/maps 2>/dev/null | cut -d/ -f3; } | sort -u | while read -r p; do
+      case "$anc" in *" $p "*) ;; *) echo "$p";; esac
+    done
+}
+name() { n=; read -r n <"/proc/$1/comm" 2>/dev/null; echo "${n:-?}"; }
+for p in $(holders); do echo "held $p $(name "$p")"; done
+[ -n "$STOP" ] && { sh -c "$STOP" </dev/null >/dev/null 2>&1 || echo "stop command failed: $?" >&2; }
+[ -x /usr/sbin/osimg-app ] && /usr/sbin/osimg-app stop >/dev/null 2>&1
 sync
-# requests already being served finish first: retry for up to 2 s while /data is busy
-n=0
-while grep -q " /data " /proc/mounts && ! umount /data 2>/dev/null; do
-  n=$((n+1)); [ $n -gt 40 ] && { /usr/sbin/osimg-app start; echo "/data stays busy" >&2; exit 1; }
-  sleep 0.05
+# Everything but our ancestors is frozen (SIGSTOP) for the moment between the unmount and the
+# read-only cover: a writer must not slip a file onto the root file system in between.
+frozen=
+freeze() { frozen=; for d in /proc/[0-9]*; do p=${d#/proc/}; case "$anc" in *" $p "*) ;; *) frozen="$frozen $p";; esac
+  done; [ -n "$frozen" ] && kill -STOP $frozen 2>/dev/null; }
+thaw() { [ -n "$frozen" ] && kill -CONT $frozen 2>/dev/null; frozen=; }
+trap thaw EXIT
+end=$(( $(date +%s) + GRACE )); killed=0
+while :; do
+  freeze
+  if umount "$M" 2>/dev/null; then
+    mount -t tmpfs -o ro,size=4k,mode=0555 QUIESCED "$M"; thaw; echo quiesced; exit 0
+  fi
+  if [ "$(date +%s)" -ge "$end" ]; then
+    [ "$killed" -gt 50 ] && { thaw; echo "$M stays busy: $(holders | tr '\n' ' ')" >&2; exit 1; }
+    for p in $(holders); do echo "killed $p $(name "$p")"; kill -KILL "$p" 2>/dev/null; done
+    killed=$((killed + 1))
+  fi
+  thaw
+  sleep 0.1
 done
+""".replace("QUIESCED", QUIESCED)
+
+# The reverse, for a rollback to the old OS: lift the read-only cover so /data can be mounted again.
+UNQUIESCE = f"""
+if grep -q "^{QUIESCED} $1 " /proc/mounts; then umount "$1"; fi
 """
 
 
@@ -96,6 +149,54 @@ def guest_sh(ctx: Context, g: guests.Guest, script: str, what: str, timeout: flo
     if rc != 0:
         raise GuestError(f"{g.name}: {what} failed ({rc}): {(err or out).strip()[-300:]}")
     return out
+
+
+def data_mount(g: guests.Guest) -> str | None:
+    """Where the guest mounts its data volume (``/data`` unless a fleet spec chose), or None without one."""
+    if not g.data_uuid:
+        return None
+    for m in g.custom().with_data(g.data_uuid).mounts:
+        if m.device == f"UUID={g.data_uuid}":
+            return m.path
+    return DATA_MOUNT
+
+
+def quiesce(ctx: Context, g: guests.Guest, res: SwapResult) -> None:
+    """Stop the guest's workload and let go of its data volume, so no later write can go astray.
+
+    The guest's own stop command and the image's application stop first; whatever still holds the
+    data mount after the grace is killed (a file system with open files cannot be unmounted, and a
+    process kept across the swap would write into a file system the other OS changed). Then /data
+    is unmounted and covered by an empty read-only tmpfs: a writer the image does not know gets an
+    error (and retries) instead of writing onto the root file system, where the write would be
+    hidden on rollback and deleted on commit."""
+    mount = data_mount(g)
+    if mount is None:
+        guest_sh(ctx, g, "[ -x /usr/sbin/osimg-app ] && /usr/sbin/osimg-app stop; sync; exit 0\n",
+                 "stopping the application")
+        return
+    q = g.custom().quiesce
+    script = f"set -- {sh_quote(mount)} {math.ceil(q.grace)} {sh_quote(q.stop or '')}\n{QUIESCE}"
+    out = guest_sh(ctx, g, script, f"quiescing the workload and unmounting {mount}", timeout=q.grace + 120)
+    for line in out.splitlines():
+        kind, _, what = line.partition(" ")
+        if kind == "held" and what not in res.stopped:
+            res.stopped.append(what)
+        elif kind == "killed" and what not in res.killed:
+            res.killed.append(what)
+
+
+def unquiesce(g: guests.Guest) -> str:
+    """The script that lifts the quiesce's read-only cover (for the live script of a rollback)."""
+    mount = data_mount(g)
+    return f"set -- {sh_quote(mount)}\n{UNQUIESCE}" if mount else ""
+
+
+def start_workload(ctx: Context, g: guests.Guest) -> None:
+    """The guest's own start command, once its data volume is mounted again (new OS or rollback)."""
+    cmd = g.custom().quiesce.start
+    if cmd:
+        guest_sh(ctx, g, f"sh -c {sh_quote(cmd)} </dev/null >/dev/null 2>&1\n", "starting the workload")
 
 
 def moved(g: guests.Guest, target: catalog.BootImage, overlay: str) -> guests.Guest:
@@ -277,7 +378,10 @@ def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | N
     if data_disk is not None and str(data_disk.path) not in ctx.hv.xml(old.name):
         ctx.hv.attach_disk(old.name, data_disk)
     failpoint("rollback-data-attached")
-    guest_sh(ctx, old, live_script(old.custom(), old.name, old.data_uuid), "re-attaching data and application")
+    guest_sh(ctx, old, unquiesce(old) + live_script(old.custom(), old.name, old.data_uuid),
+             "re-attaching data and application")
+    with contextlib.suppress(OsimgError):
+        start_workload(ctx, old)  # the old OS is back either way; a workload that will not start is its own
     ctx.hv.define(persistent_xml(ctx, old))
     old.save(ctx)
     failpoint("rollback-record-saved")

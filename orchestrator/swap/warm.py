@@ -22,7 +22,6 @@ from ..process import Progress, holder_id
 from . import journal
 from .steps import (
     PAGEIN_FILE,
-    RELEASE_DATA,
     ROLLBACK_SNAPSHOT,
     SwapResult,
     describe,
@@ -33,7 +32,9 @@ from .steps import (
     mark,
     moved,
     new_overlay_name,
+    quiesce,
     roll_back,
+    start_workload,
     step,
 )
 
@@ -78,7 +79,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         # into a rollback after the new OS has written there.
         mark(ctx, lease, g.name, "releasing")
         failpoint("warm-releasing")
-        guest_sh(ctx, g, RELEASE_DATA, "stopping the application and unmounting /data", timeout=60)
+        quiesce(ctx, g, res)
         data_disk = guests.data_disk(ctx, g)
         if data_disk is not None:
             ctx.hv.detach_disk(g.name, data_disk)
@@ -113,6 +114,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
             ctx.hv.agent(g.name, "guest-set-time", {"time": time.time_ns()}, timeout=5)
         progress(f"{g.name}: customize and start the application")
         guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid), "live customization")
+        start_workload(ctx, new)
         mark(ctx, lease, g.name, "customized")
         failpoint("warm-customized")
         step(res, "customize", t0)
