@@ -28,6 +28,7 @@ from .host.console import wait_for_serial
 from .host.domain import DiskSpec, DomainSpec, NetSpec
 from .host.ssh import Session
 from .images import catalog
+from .validate import file_name, inside
 from .validate import name as valid_name
 
 DATA_LABEL = "osimg-data"
@@ -90,6 +91,25 @@ class Guest:
         tmp.rename(path)
 
 
+def from_record(ctx: Context, data: object, what: str) -> Guest:
+    """A guest record (guest.json, a swap journal's old/new) made safe to act on.
+
+    Records are data, not trust: the name and overlay file become paths that root unlinks, and the
+    base, kernel and initrd are opened by QEMU, so each is checked against the name rule or the
+    folders osimg keeps such files in before anything uses it."""
+    if not isinstance(data, dict):
+        raise ValidationError(f"{what}: malformed guest record")
+    try:
+        g = Guest(**data)
+    except TypeError:
+        raise ValidationError(f"{what}: malformed guest record") from None
+    valid_name(g.name, f"{what}: guest name")
+    file_name(g.overlay_file, f"{what}: overlay file")
+    for label in ("base", "kernel", "initrd"):
+        inside(getattr(g, label), ctx.settings.file_roots, f"{what}: {label}")
+    return g
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +121,7 @@ def load(ctx: Context, name: str) -> Guest:
     path = ctx.settings.guests_dir / name / "guest.json"
     if not path.exists():
         raise NotFoundError(f"no guest named {name!r} (see 'osimg guest list')")
-    return Guest(**json.loads(path.read_text()))
+    return from_record(ctx, json.loads(path.read_text()), str(path))
 
 
 def all_guests(ctx: Context, hidden: bool = False) -> list[Guest]:
@@ -109,7 +129,7 @@ def all_guests(ctx: Context, hidden: bool = False) -> list[Guest]:
     root = ctx.settings.guests_dir
     if root.exists():
         for p in sorted(root.glob("*/guest.json")):
-            g = Guest(**json.loads(p.read_text()))
+            g = from_record(ctx, json.loads(p.read_text()), str(p))
             if hidden or not g.hidden:
                 out.append(g)
     return out
@@ -176,6 +196,8 @@ def create(
     if ctx.hv.exists(name):
         raise ConflictError(f"libvirt already has a domain named {name!r}; choose another guest name")
     img = catalog.resolve(ctx, image)
+    if ":" not in image:
+        catalog.verify_source(ctx, image)
     if img.disk.stat().st_mode & 0o222:
         raise StorageError(f"image {image!r}: {img.disk} is writable; images must be immutable (mode 0444)")
     accel = ctx.accel.accel

@@ -5,6 +5,7 @@
 ``OSIMG_CACHE`` build cache: recipe images, etcd (default /var/cache/osimg, shared by every checkout)
 ``OSIMG_ACCEL`` force ``kvm`` or ``tcg`` instead of probing
 ``OSIMG_STORE`` cluster store URL (default sqlite under OSIMG_HOME; ``etcd://127.0.0.1:2379``)
+``OSIMG_LU_ROOTS`` folders (``:``-separated) whose files may be LUs, besides OSIMG_HOME and the cache
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Settings:
     cache: Path
     accel: str | None
     store_url: str
+    extra_lu_roots: tuple[Path, ...] = ()
 
     @classmethod
     def from_env(cls, home: str | None = None, uri: str | None = None, store: str | None = None) -> Settings:
@@ -40,6 +42,7 @@ class Settings:
             cache=Path(os.environ.get("OSIMG_CACHE") or DEFAULT_CACHE).resolve(),
             accel=accel,
             store_url=store or os.environ.get("OSIMG_STORE") or f"sqlite://{h / 'cluster.sqlite'}",
+            extra_lu_roots=tuple(Path(p).resolve() for p in os.environ.get("OSIMG_LU_ROOTS", "").split(":") if p),
         )
 
     @property
@@ -49,6 +52,16 @@ class Settings:
     @property
     def images_dir(self) -> Path:
         return self.home / "images"
+
+    @property
+    def file_roots(self) -> list[Path]:
+        """Where files named by records may lie: the repository and the build cache (recipe images)."""
+        return [self.home, self.cache]
+
+    @property
+    def lu_roots(self) -> list[Path]:
+        """Where an LU's disk file may lie: osimg's own folders and the ones ``OSIMG_LU_ROOTS`` adds."""
+        return [*self.file_roots, *self.extra_lu_roots]
 
     @property
     def client_key(self) -> Path:

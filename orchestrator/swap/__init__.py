@@ -43,9 +43,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import guests
 from ..context import Context
-from ..errors import OsimgError, SwapError
+from ..errors import OsimgError, SwapError, ValidationError
 from ..images import catalog
 from ..process import Progress, holder_id, quiet
+from ..validate import name as valid_name
+from ..validate import short
 from . import journal
 from .cold import cold
 from .plan import STRATEGIES, Plan, plan
@@ -110,13 +112,16 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
     """Finish or roll back every swap a killed orchestrator left in the journal."""
     out = []
     for rec in journal.entries(ctx):
-        name = rec["guest"]
+        name = valid_name(rec.get("guest"), "guest name in the swap journal")
+        old = guests.from_record(ctx, rec.get("old"), f"swap journal of {name}: old")
+        new = guests.from_record(ctx, rec.get("new"), f"swap journal of {name}: new")
+        if old.name != name or new.name != name:
+            raise ValidationError(f"swap journal of {name}: its records name guest {short(old.name)} "
+                                  f"and {short(new.name)}")
         if not (ctx.settings.guests_dir / name).exists():
             progress(f"{name}: the guest was removed; dropping its journal entry")
             journal.drop(ctx, name)
             continue
-        old = guests.Guest(**rec["old"])
-        new = guests.Guest(**rec["new"])
         res = SwapResult(name, rec.get("strategy", "?"), old.image, new.image, old.os_version)
         try:
             with ctx.store.lock(journal.lock_name(name), holder_id(), journal.LOCK_TTL, wait=journal.LOCK_TTL + 5):

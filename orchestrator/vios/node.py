@@ -187,7 +187,7 @@ class ViosNode:
                 lus.set_status(self.ctx, name, FAILED, f"LU {exp.lu} no longer exists")
                 continue
             try:
-                where = self.backend.serve(exp, lus.lu_from_record(rec))
+                where = self.backend.serve(exp, lus.checked_lu(self.ctx, rec))
             except OsimgError as err:
                 log.error("%s: cannot serve %s: %s", self.name, name, err)
                 lus.set_status(self.ctx, name, FAILED, str(err))

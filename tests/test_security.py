@@ -1,0 +1,226 @@
+"""Security (issue 13, storage and transport): records are data, qemu-img never probes, osimg only
+destroys its own domains, file modes, NBD and etcd reachable by root and QEMU only.
+
+The fast tests here need no guest: they craft store records and image files by hand and run the
+real CLI on them. Tests marked ``guest`` start real daemons (qemu-storage-daemon, VIOS guests).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from orchestrator import guests
+from orchestrator.cluster.store import LU_KIND
+from orchestrator.context import Context
+from orchestrator.errors import StorageError, ValidationError
+from orchestrator.host import qemu_img
+from orchestrator.images import catalog
+from orchestrator.swap import journal
+from orchestrator.vios import lus
+
+from .conftest import HOME, gname, osimg
+
+
+def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's error: exactly one line on stderr, no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def hostile_raw(path: Path, backing: str = "/etc/shadow") -> None:
+    """A raw disk whose first bytes are a qcow2 header naming ``backing`` as its backing file: what a
+    guest can write to the start of any raw disk it owns."""
+    hdr = path.with_suffix(".hdr")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", str(hdr), "1G"],
+                   check=True, capture_output=True, timeout=30)
+    with path.open("wb") as f:
+        f.write(hdr.read_bytes())
+        f.truncate(4 << 20)
+    hdr.unlink()
+
+
+# -- records are data, not trust ------------------------------------------------------------------------
+def test_lu_outside_the_roots_is_refused_with_the_allowed_roots(ctx: Context) -> None:
+    name = gname("shadow")
+    proc = osimg("vios", "lu", "add", name, "/etc/shadow", "--role", "data")
+    assert proc.returncode == 2
+    line = one_line(proc)
+    assert "/etc/shadow" in line and str(HOME) in line and str(ctx.settings.cache) in line
+    assert ctx.store.get(LU_KIND, name) is None
+
+
+def test_lu_symlink_out_of_home_is_refused(ctx: Context) -> None:
+    link = HOME / f"{gname('link')}.qcow2"
+    link.symlink_to("/etc/shadow")
+    try:
+        with pytest.raises(ValidationError, match="outside the allowed roots"):
+            lus.define_lu(ctx, gname("link"), link, "data")
+    finally:
+        link.unlink()
+
+
+def test_crafted_lu_record_is_not_served(ctx: Context) -> None:
+    """A record written straight into the store (as anyone holding the store could) names /etc/shadow:
+    every reader refuses it, the node daemon included (it calls ``checked_lu`` before serving)."""
+    name = gname("crafted-lu")
+    ctx.store.put(LU_KIND, name, {"name": name, "path": "/etc/shadow", "fmt": "raw", "readonly": False,
+                                  "role": "data", "size": 1, "created": time.time()})
+    try:
+        with pytest.raises(ValidationError, match="outside the allowed roots"):
+            lus.get_lu(ctx, name)
+        rec = ctx.store.get(LU_KIND, name)
+        assert rec is not None
+        with pytest.raises(ValidationError):
+            lus.checked_lu(ctx, rec)
+        with pytest.raises(ValidationError, match="format"):
+            lus.checked_lu(ctx, {**rec, "path": str(HOME / "x.raw"), "fmt": "vmdk"})
+        proc = osimg("vios", "export", name, gname("nonode"))
+        assert proc.returncode == 2, proc.stderr
+        one_line(proc)
+    finally:
+        ctx.store.delete(LU_KIND, name)
+
+
+def fake_guest(ctx: Context, guest: str, **over: object) -> dict[str, object]:
+    img = ctx.settings.images_dir / "none"
+    g = guests.Guest(name=guest, image="x", base=str(img / "disk.qcow2"), kernel=str(img / "vmlinuz"),
+                     initrd=str(img / "initrd.img"), cmdline="", host_key="", os_version="1", family="tiny",
+                     memory_mib=128, vcpus=1, accel="tcg", uuid=str(uuid.uuid4()), mac="52:54:00:12:34:56",
+                     ssh_port=1, app_port=2, guest_app_port=8080, ready_marker="X")
+    return {**asdict(g), **over}
+
+
+@pytest.mark.parametrize("field,value", [("overlay_file", "VICTIM"), ("overlay_file", "../../VICTIM"),
+                                         ("base", "/etc/shadow"), ("name", "../x")])
+def test_crafted_journal_record_is_refused_and_nothing_unlinked(
+        ctx: Context, tmp_path: Path, field: str, value: str) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    value = str(victim) if value == "VICTIM" else value.replace("VICTIM", str(victim).lstrip("/"))
+    name = gname("journal")
+    (ctx.settings.guests_dir / name).mkdir(parents=True, exist_ok=True)
+    journal.write(ctx, name, guest=name, strategy="warm", step="paged-in", from_image="a", to_image="b",
+                  old=fake_guest(ctx, name), new=fake_guest(ctx, name, **{field: value}))
+    try:
+        proc = osimg("swap", "--resume")
+        assert proc.returncode == 2, proc.stderr
+        assert "swap journal" in one_line(proc)
+        assert victim.read_text() == "keep me"
+        assert journal.get(ctx, name) is not None  # refused, not acted on
+    finally:
+        journal.drop(ctx, name)
+        (ctx.settings.guests_dir / name).rmdir()
+
+
+def make_image(ctx: Context, name: str, disk_backing: str | None = None, **over: object) -> None:
+    """A catalog image made by hand: a disk (optionally with a backing file), kernel and initrd files,
+    read-only, hashed, and its record; ``over`` changes record fields."""
+    d = catalog.image_dir(ctx, name)
+    d.mkdir(parents=True)
+    disk = d / catalog.DISK
+    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if disk_backing:
+        args += ["-b", disk_backing, "-F", "raw"]
+    subprocess.run([*args, str(disk), "16M"], check=True, capture_output=True, timeout=30)
+    for f in catalog.BOOT_FILES:
+        (d / f).write_bytes(b"not a kernel")
+    files = {f.name: qemu_img.sha256(f) for f in sorted(d.iterdir())}
+    for f in d.iterdir():
+        f.chmod(0o444)
+    img = catalog.Image(name=name, kind="imported", parent=None, source="test", family="tiny", os_version="1",
+                        files=files, virtual_size=16 << 20, allocated_size=0, has_memory_state=False,
+                        state_from=None, host_key="", cmdline="", memory_mib=128, ready_marker="X", app_port=8080)
+    ctx.store.put(catalog.KIND, name, {**asdict(img), **over})
+
+
+def drop_image(ctx: Context, name: str) -> None:
+    ctx.store.delete(catalog.KIND, name)
+    d = catalog.image_dir(ctx, name)
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+
+
+def test_snapshot_and_guest_create_verify_the_source_chain(ctx: Context) -> None:
+    """An image whose disk's backing chain points at /etc/shadow: nothing is made from it."""
+    name = gname("evil-img")
+    make_image(ctx, name, disk_backing="/etc/shadow")
+    try:
+        proc = osimg("image", "snapshot", name, gname("evil-snap"))
+        assert proc.returncode == 6, proc.stderr
+        assert "/etc/shadow" in one_line(proc)
+        assert not catalog.image_dir(ctx, gname("evil-snap")).exists()
+        proc = osimg("guest", "create", gname("evil-g"), "--image", name)
+        assert proc.returncode == 6, proc.stderr
+        one_line(proc)
+        assert not (ctx.settings.guests_dir / gname("evil-g")).exists()
+    finally:
+        drop_image(ctx, name)
+
+
+def test_verified_source_is_cached_until_a_file_changes(ctx: Context) -> None:
+    name = gname("good-img")
+    make_image(ctx, name)
+    try:
+        catalog.verify_source(ctx, name)
+        cached = json.loads((ctx.settings.images_dir / catalog.VERIFIED).read_text())
+        assert name in cached
+        kernel = catalog.image_dir(ctx, name) / "vmlinuz"
+        kernel.chmod(0o644)
+        kernel.write_bytes(b"changed kernel")  # same size class, new content, new ctime
+        kernel.chmod(0o444)
+        with pytest.raises(StorageError, match="vmlinuz was modified"):
+            catalog.verify_source(ctx, name)
+    finally:
+        drop_image(ctx, name)
+
+
+def test_crafted_image_record_state_file_outside_the_repository_is_refused(ctx: Context) -> None:
+    name = gname("evil-state")
+    make_image(ctx, name, has_memory_state=True, state_from="../../../../tmp")
+    try:
+        with pytest.raises(ValidationError, match="state_from"):
+            catalog.resolve(ctx, name)
+        proc = osimg("image", "inspect", name)
+        assert proc.returncode == 2, proc.stderr
+        one_line(proc)
+    finally:
+        drop_image(ctx, name)
+
+
+# -- qemu-img never probes -----------------------------------------------------------------------------
+def test_raw_lu_with_a_qcow2_header_is_never_opened_as_qcow2(ctx: Context) -> None:
+    d = HOME / "lus"
+    d.mkdir(exist_ok=True)
+    raw = d / f"{gname('hostile')}.raw"
+    hostile_raw(raw)
+    lu = lus.define_lu(ctx, gname("hostile"), raw, "data")
+    try:
+        assert lu.fmt == "raw"
+        assert lu.size == 4 << 20  # the file's own size, not the 1G the header claims
+        assert qemu_img.info(raw, "raw").backing is None
+        with pytest.raises(StorageError):
+            qemu_img.info(raw, "vmdk")
+    finally:
+        lus.delete_lu(ctx, lu.name)
+        raw.unlink()
+
+
+def test_every_qemu_img_call_names_the_format() -> None:
+    """Source check backing the runtime tests: no qemu-img/qemu-nbd argument list without ``-f``."""
+    root = Path(__file__).resolve().parent.parent / "orchestrator"
+    offenders = []
+    for p in root.rglob("*.py"):
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if ('["qemu-img",' in line or '["qemu-nbd",' in line) and '"create"' not in line and '"-f"' not in line:
+                offenders.append(f"{p.name}:{i}: {line.strip()}")
+    assert not offenders, offenders
