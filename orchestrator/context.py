@@ -25,7 +25,7 @@ class Context:
     @property
     def hv(self) -> Hypervisor:
         if self._hv is None:
-            self._hv = Hypervisor(self.settings.uri)
+            self._hv = Hypervisor(self.settings.uri, home=str(self.settings.home))
         return self._hv
 
     @property

@@ -19,8 +19,10 @@ import pytest
 from orchestrator import guests
 from orchestrator.cluster.store import LU_KIND
 from orchestrator.context import Context
-from orchestrator.errors import StorageError, ValidationError
+from orchestrator.errors import ConflictError, HypervisorError, StorageError, ValidationError
 from orchestrator.host import qemu_img
+from orchestrator.host.domain import DomainSpec, NetSpec, domain_xml
+from orchestrator.host.libvirt import Hypervisor
 from orchestrator.images import catalog
 from orchestrator.swap import journal
 from orchestrator.vios import lus
@@ -224,3 +226,61 @@ def test_every_qemu_img_call_names_the_format() -> None:
             if ('["qemu-img",' in line or '["qemu-nbd",' in line) and '"create"' not in line and '"-f"' not in line:
                 offenders.append(f"{p.name}:{i}: {line.strip()}")
     assert not offenders, offenders
+
+
+# -- osimg destroys only its own domains ---------------------------------------------------------------
+def spec_with(home: str | None) -> DomainSpec:
+    name = f"osimgsec-{uuid.uuid4().hex[:6]}"
+    return DomainSpec(name=name, kernel="/boot/vmlinuz", initrd="/boot/initrd.img", cmdline="console=ttyS0",
+                      serial_log=f"/var/lib/osimg/guests/{name}/console.log", disks=[],
+                      net=NetSpec(mode="network", network="default", mac="52:54:00:00:00:08"),
+                      metadata={"home": home} if home else {})
+
+
+def test_only_domains_of_this_home_are_destroyed_on_the_test_driver() -> None:
+    hv = Hypervisor("test:///default", home="/var/lib/osimg")
+    try:
+        hv.versions()
+    except HypervisorError as err:
+        pytest.skip(f"libvirt's test driver is not available: {err}")
+    ours, theirs, bare = spec_with("/var/lib/osimg"), spec_with("/srv/other-osimg"), spec_with(None)
+    try:
+        for s in (ours, theirs, bare):
+            hv.create(s)
+        for s, why in ((theirs, "names '/srv/other-osimg'"), (bare, "has no osimg metadata")):
+            with pytest.raises(ConflictError, match=why):
+                hv.destroy(s.name)
+            with pytest.raises(ConflictError, match="refusing"):
+                hv.undefine(s.name)
+            assert hv.state(s.name) == "running"
+        with pytest.raises(ConflictError):
+            hv.destroy("test")  # the driver's own domain
+        hv.undefine(ours.name)
+        assert not hv.exists(ours.name)
+    finally:
+        owner = Hypervisor("test:///default")
+        for s in (ours, theirs, bare):
+            owner.undefine(s.name)
+        owner.close()
+        hv.close()
+
+
+def test_guest_rm_refuses_a_foreign_domain_of_the_same_name(ctx: Context) -> None:
+    """On the real libvirtd: a defined (never started) domain without osimg metadata, and a guest
+    folder of the same name: ``guest rm`` refuses with one line and leaves the domain alone."""
+    spec = spec_with(None)
+    spec.net = NetSpec(forwards={22: 1})
+    admin = Hypervisor(ctx.settings.uri)
+    admin.define(domain_xml(spec))
+    gdir = ctx.settings.guests_dir / spec.name
+    gdir.mkdir(parents=True)
+    try:
+        proc = osimg("guest", "rm", spec.name)
+        assert proc.returncode == 4, proc.stderr
+        assert "refusing" in one_line(proc)
+        assert admin.exists(spec.name)
+        assert gdir.exists()
+    finally:
+        admin.undefine(spec.name)
+        admin.close()
+        gdir.rmdir()
