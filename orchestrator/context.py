@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .accel import AccelChoice, choose_accel
 from .cluster.open import open_store
 from .cluster.store import ClusterStore
 from .host.libvirt import Hypervisor
-from .settings import Settings
+from .settings import UMASK, Settings
 
 
 @dataclass
@@ -17,6 +18,10 @@ class Context:
     _hv: Hypervisor | None = field(default=None, repr=False)
     _accel: AccelChoice | None = field(default=None, repr=False)
     _store: ClusterStore | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # every file osimg (or a tool it runs) creates is root's and QEMU's group's alone: 0640, 0750
+        os.umask(UMASK)
 
     @classmethod
     def from_env(cls, home: str | None = None, uri: str | None = None, store: str | None = None) -> Context:

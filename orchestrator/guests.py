@@ -28,6 +28,7 @@ from .host.console import wait_for_serial
 from .host.domain import DiskSpec, DomainSpec, NetSpec
 from .host.ssh import Session
 from .images import catalog
+from .settings import private_dir
 from .validate import file_name, inside
 from .validate import name as valid_name
 
@@ -212,7 +213,7 @@ def create(
         customization=custom.to_dict(),
     )
     gdir.mkdir()
-    gdir.chmod(0o755)
+    private_dir(gdir)
     try:
         qemu_img.create_overlay(g.overlay(ctx), img.disk)
         data = g.data_volume(ctx)

@@ -8,7 +8,10 @@ real CLI on them. Tests marked ``guest`` start real daemons (qemu-storage-daemon
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import asdict
@@ -23,7 +26,9 @@ from orchestrator.errors import ConflictError, HypervisorError, StorageError, Va
 from orchestrator.host import qemu_img
 from orchestrator.host.domain import DomainSpec, NetSpec, domain_xml
 from orchestrator.host.libvirt import Hypervisor
+from orchestrator.host.ssh import ensure_client_key
 from orchestrator.images import catalog
+from orchestrator.settings import create_private, private_dir, qemu_gid, too_wide
 from orchestrator.swap import journal
 from orchestrator.vios import lus
 
@@ -137,7 +142,7 @@ def make_image(ctx: Context, name: str, disk_backing: str | None = None, **over:
         (d / f).write_bytes(b"not a kernel")
     files = {f.name: qemu_img.sha256(f) for f in sorted(d.iterdir())}
     for f in d.iterdir():
-        f.chmod(0o444)
+        qemu_img.write_protect(f)
     img = catalog.Image(name=name, kind="imported", parent=None, source="test", family="tiny", os_version="1",
                         files=files, virtual_size=16 << 20, allocated_size=0, has_memory_state=False,
                         state_from=None, host_key="", cmdline="", memory_mib=128, ready_marker="X", app_port=8080)
@@ -284,3 +289,101 @@ def test_guest_rm_refuses_a_foreign_domain_of_the_same_name(ctx: Context) -> Non
         admin.undefine(spec.name)
         admin.close()
         gdir.rmdir()
+
+
+# -- file modes ----------------------------------------------------------------------------------------
+NOBODY_READS = """
+import os, sys
+readable = []
+for dirpath, dirnames, filenames in os.walk(sys.argv[1]):
+    for n in filenames:
+        p = os.path.join(dirpath, n)
+        try:
+            with open(p, "rb") as f:
+                f.read(1)
+            readable.append(p)
+        except OSError:
+            pass
+print(len(readable), *readable[:5])
+"""
+
+
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["runuser", "-u", "nobody", "--", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_nobody_reads_no_file_under_osimg_home(ctx: Context) -> None:
+    """What a fresh osimg makes without a guest (the store, an image, a data volume, a guest folder)
+    is root's and QEMU's group's only; nobody can list or read any of it."""
+    name = gname("modes-img")
+    make_image(ctx, name)
+    vol = ctx.settings.guests_dir / gname("modes") / "data.qcow2"
+    private_dir(vol.parent)
+    qemu_img.make_ext4_volume(vol, 8 << 20, "modes", str(uuid.uuid4()))
+    try:
+        ctx.store.put("probe", "x", {"secret": 1})
+        files = [p for p in HOME.rglob("*") if p.is_file()]
+        assert len(files) >= 5
+        proc = as_nobody("/usr/bin/python3", "-c", NOBODY_READS, str(HOME))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split()[0] == "0", proc.stdout
+        assert as_nobody("cat", str(HOME / "cluster.sqlite")).returncode != 0
+        assert as_nobody("ls", str(HOME)).returncode != 0
+        assert stat.S_IMODE((HOME / "cluster.sqlite").stat().st_mode) == 0o600
+        assert stat.S_IMODE(vol.stat().st_mode) == 0o640
+        assert stat.S_IMODE((catalog.image_dir(ctx, name) / catalog.DISK).stat().st_mode) == 0o440
+        assert vol.parent.stat().st_gid == qemu_gid()
+        assert not too_wide(HOME), too_wide(HOME)[:3]
+    finally:
+        drop_image(ctx, name)
+        vol.unlink()
+        vol.parent.rmdir()
+
+
+def test_doctor_reports_wider_modes_and_fix_narrows_them(ctx: Context) -> None:
+    ctx.settings.ensure_dirs()
+    loose = HOME / gname("loose")
+    loose.mkdir()
+    loose.chmod(0o755)
+    leak = loose / "state.sav"
+    leak.write_text("guest memory")
+    leak.chmod(0o644)
+    key = loose / "node.psk"
+    key.write_text("secret")
+    key.chmod(0o640)
+    env = {"OSIMG_ACCEL": "tcg"}
+    try:
+        proc = osimg_env(env, "doctor", "--json")
+        checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+        assert not checks["file modes"]["ok"]
+        assert str(leak) in checks["file modes"]["detail"] and str(key) in checks["file modes"]["detail"]
+        proc = osimg_env(env, "doctor", "--fix", "--json")
+        checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+        assert checks["file modes"]["ok"], checks["file modes"]
+        assert stat.S_IMODE(leak.stat().st_mode) == 0o640 and leak.stat().st_gid == qemu_gid()
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert stat.S_IMODE(loose.stat().st_mode) == 0o2750
+        assert leak.read_text() == "guest memory"
+    finally:
+        key.unlink()
+        leak.unlink()
+        loose.rmdir()
+
+
+def osimg_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "osimg"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "OSIMG_HOME": str(HOME), **env})
+
+
+def test_client_key_is_private_from_its_first_byte(tmp_path: Path) -> None:
+    """The key is created with its mode (os.open), never chmod-ed after: even a umask of 0 cannot
+    make it readable by others at any moment."""
+    old = os.umask(0)
+    try:
+        ensure_client_key(tmp_path / "id_ed25519")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "id_ed25519").stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        create_private(tmp_path / "id_ed25519", b"x")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StorageError
+from ..settings import READONLY_MODE
 
 CHUNK = 4 << 20
 
@@ -139,4 +140,4 @@ def allocated_bytes(path: str | Path) -> int:
 
 
 def write_protect(path: Path) -> None:
-    path.chmod(0o444)
+    path.chmod(READONLY_MODE)

@@ -32,6 +32,7 @@ from .. import recipes
 from ..context import Context
 from ..errors import ConflictError, NotFoundError, StorageError, ValidationError
 from ..host import qemu_img
+from ..settings import private_dir
 from ..validate import file_name, inside, short
 from ..validate import name as valid_name
 
@@ -170,7 +171,7 @@ def finish(ctx: Context, tmp: Path, img: Image) -> Image:
     (tmp / "manifest.json").write_text(json.dumps(asdict(img), indent=2))
     for f in tmp.iterdir():
         qemu_img.write_protect(f)
-    tmp.chmod(0o755)
+    private_dir(tmp)
     final = image_dir(ctx, img.name)
     tmp.rename(final)
     ctx.store.put(KIND, img.name, asdict(img))
@@ -180,7 +181,7 @@ def finish(ctx: Context, tmp: Path, img: Image) -> Image:
 def staging(ctx: Context, name: str) -> Path:
     ctx.settings.ensure_dirs()
     tmp = ctx.settings.images_dir / f".tmp-{name}-{uuidlib.uuid4().hex[:8]}"
-    tmp.mkdir()
+    private_dir(tmp)
     return tmp
 
 

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import itertools
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from ..context import Context
 from ..errors import ConflictError, GuestError, OsimgError, StorageError, ValidationError
 from ..host.domain import DiskSpec
 from ..host.ssh import Session
+from ..settings import SOCKET_MODE, private_dir, qemu_gid
 from .attach import scsi_target
 from .lus import LU, Export
 from .qmp import Qmp
@@ -65,13 +67,16 @@ class QsdBackend:
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.folder.chmod(0o755)
+        private_dir(self.folder)
         self.nbd_socket.unlink(missing_ok=True)
         self.proc = start_storage_daemon(self.qmp_socket, self.folder / "qsd.pid", self.folder / "qsd.log")
         self._qmp = Qmp(self.qmp_socket)
         self._qmp.execute("nbd-server-start", addr={"type": "unix", "data": {"path": str(self.nbd_socket)}})
-        self.nbd_socket.chmod(0o666)
+        # QEMU (its group) connects; nobody else: the socket serves every guest's disks
+        gid = qemu_gid()
+        if gid is not None:
+            os.chown(self.nbd_socket, 0, gid)
+        self.nbd_socket.chmod(SOCKET_MODE)
 
     def alive(self) -> str | None:
         """None while serving, else why not."""
