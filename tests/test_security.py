@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from orchestrator.host.ssh import ensure_client_key
 from orchestrator.images import catalog
 from orchestrator.settings import create_private, private_dir, qemu_gid, too_wide
 from orchestrator.swap import journal
-from orchestrator.vios import lus
+from orchestrator.vios import lus, node
 
 from .conftest import HOME, gname, osimg
 
@@ -387,3 +388,81 @@ def test_client_key_is_private_from_its_first_byte(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "id_ed25519").stat().st_mode) == 0o600
     with pytest.raises(FileExistsError):
         create_private(tmp_path / "id_ed25519", b"x")
+
+
+# -- NBD: host service socket and VIOS-guest exports over TLS ----------------------------------------------
+NOBODY_CONNECTS = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+    print("connected")
+except OSError as err:
+    print(err.errno)
+"""
+
+
+@pytest.mark.guest
+def test_nobody_cannot_connect_to_the_host_service_nbd_socket(ctx: Context) -> None:
+    """A real node daemon with its qemu-storage-daemon: the NBD socket is 0660 root:<QEMU's group> in a
+    2750 folder; root connects, nobody gets EACCES (errno 13)."""
+    name = gname("sock")
+    node.start(ctx, name, ttl=2.0)
+    try:
+        info = node.get_info(ctx, name)
+        assert info is not None
+        sock = Path(info.folder) / "nbd.sock"
+        st = sock.stat()
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == qemu_gid()
+        assert stat.S_IMODE(Path(info.folder).stat().st_mode) == 0o2750
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))  # root (and QEMU's group) may
+        proc = as_nobody("/usr/bin/python3", "-c", NOBODY_CONNECTS, str(sock))
+        assert proc.stdout.strip() == "13", proc.stdout + proc.stderr
+    finally:
+        node.stop(ctx, name, timeout=15)
+
+
+def nbd_info(port: int, lu: str, key_dir: Path | None) -> subprocess.CompletedProcess[str]:
+    nbd = f"driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export={lu}"
+    args = ["qemu-img", "info", "--output=json"]
+    if key_dir is not None:
+        args += ["--object", f"tls-creds-psk,id=tls0,endpoint=client,dir={key_dir},username=osimg"]
+        nbd += ",file.tls-creds=tls0"
+    return subprocess.run([*args, "--image-opts", nbd], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.guest
+def test_vios_guest_export_needs_the_nodes_tls_key(ctx: Context, tmp_path: Path) -> None:
+    """A VIOS guest serves an LU with qemu-nbd on a 127.0.0.1 forward: without TLS, or with another
+    key, ``qemu-img info`` fails; with the node's key it succeeds and sees the LU's size."""
+    name = gname("tlsvg")
+    d = HOME / "lus"
+    private_dir(d)
+    raw = d / f"{gname('tls')}.raw"
+    with raw.open("wb") as f:
+        f.truncate(6 << 20)
+    lu = lus.define_lu(ctx, gname("tls"), raw, "data")
+    try:
+        node.start(ctx, name, as_guest=True, ttl=3.0, slots=1, timeout=300)
+        exp = lus.export_lu(ctx, lu.name, name, wait=120)
+        assert exp.port and exp.tls
+        key_dir = Path(exp.tls)
+        assert stat.S_IMODE((key_dir / "keys.psk").stat().st_mode) == 0o640
+        plain = nbd_info(exp.port, lu.name, None)
+        assert plain.returncode != 0 and "TLS" in plain.stderr, plain.stderr
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "keys.psk").write_text("osimg:" + "ab" * 32 + "\n")
+        wrong = nbd_info(exp.port, lu.name, other)
+        assert wrong.returncode != 0 and "TLS handshake failed" in wrong.stderr, wrong.stderr
+        good = nbd_info(exp.port, lu.name, key_dir)
+        assert good.returncode == 0, good.stderr
+        assert json.loads(good.stdout)["virtual-size"] == 6 << 20
+    finally:
+        stop = node.get_info(ctx, name)
+        node.stop(ctx, name, timeout=30)
+        if stop is not None and stop.domain and ctx.hv.exists(stop.domain):
+            ctx.hv.undefine(stop.domain)
+        lus.delete_lu(ctx, lu.name)
+        raw.unlink()

@@ -67,6 +67,7 @@ class Export:
     port: int | None = None
     error: str = ""
     created: float = field(default_factory=time.time)
+    tls: str | None = None  # the node's key folder when the export is reached over TCP with TLS
 
     @property
     def usable(self) -> bool:
@@ -240,7 +241,8 @@ def demote(ctx: Context, name: str) -> None:
     """Make a writable LU's export on a failed node a standby, so that node does not grab it back."""
 
     def off(cur: Record | None) -> Record | None:
-        return None if cur is None else {**cur, "active": False, "status": PENDING, "socket": None, "port": None}
+        return None if cur is None else {**cur, "active": False, "status": PENDING, "socket": None, "port": None,
+                                         "tls": None}
 
     ctx.store.update(EXPORT_KIND, name, off)
     publish(ctx, LIFECYCLE, "demoted", f"export/{name}")
