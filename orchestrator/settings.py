@@ -4,7 +4,9 @@
 ``OSIMG_URI``   libvirt URI (default qemu:///system)
 ``OSIMG_CACHE`` build cache: recipe images, etcd (default /var/cache/osimg, shared by every checkout)
 ``OSIMG_ACCEL`` force ``kvm`` or ``tcg`` instead of probing
-``OSIMG_STORE`` cluster store URL (default sqlite under OSIMG_HOME; ``etcd://127.0.0.1:2379``)
+``OSIMG_STORE`` cluster store URL (default sqlite under OSIMG_HOME; ``etcds://127.0.0.1:2379`` for etcd
+              with TLS and a client certificate, see ``cluster.open``)
+``OSIMG_ETCD_PKI`` folder of ``ca.crt``, ``client.crt``, ``client.key`` for etcds:// (default $OSIMG_CACHE/etcd/pki)
 ``OSIMG_LU_ROOTS`` folders (``:``-separated) whose files may be LUs, besides OSIMG_HOME and the cache
 """
 

@@ -17,13 +17,16 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import requests
 
 from orchestrator import guests
+from orchestrator.cluster import open_store
 from orchestrator.cluster.store import LU_KIND
 from orchestrator.context import Context
-from orchestrator.errors import ConflictError, HypervisorError, StorageError, ValidationError
+from orchestrator.errors import ClusterError, ConflictError, HypervisorError, StorageError, ValidationError
 from orchestrator.host import qemu_img
 from orchestrator.host.domain import DomainSpec, NetSpec, domain_xml
 from orchestrator.host.libvirt import Hypervisor
@@ -34,6 +37,9 @@ from orchestrator.swap import journal
 from orchestrator.vios import lus, node
 
 from .conftest import HOME, gname, osimg
+
+pytest_plugins = ["tests.cluster_fixtures"]  # the session's etcd
+ETCD_SH = Path(__file__).resolve().parent.parent / "scripts" / "etcd.sh"
 
 
 def one_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -466,3 +472,36 @@ def test_vios_guest_export_needs_the_nodes_tls_key(ctx: Context, tmp_path: Path)
             ctx.hv.undefine(stop.domain)
         lus.delete_lu(ctx, lu.name)
         raw.unlink()
+
+
+# -- etcd: TLS and client certificates -----------------------------------------------------------------
+@pytest.mark.etcd
+def test_etcd_refuses_clients_without_osimg_credentials(etcd_url: str, tmp_path: Path) -> None:
+    """The session's etcd (started by scripts/etcd.sh with TLS and --client-cert-auth): osimg's client
+    with the set-up's certificates works; plain HTTP, TLS without a client certificate, and a client
+    certificate of another CA are all refused."""
+    port = urlsplit(etcd_url).port
+    with open_store(f"{etcd_url}/sec-{uuid.uuid4().hex[:8]}") as good:
+        good.put("probe", "x", {"ok": 1})
+        assert good.get("probe", "x") == {"ok": 1}
+    with pytest.raises(ClusterError), open_store(f"etcd://127.0.0.1:{port}/sec", timeout=3) as plain:
+        plain.get("probe", "x")
+    pki = Path(os.environ["OSIMG_ETCD_PKI"])
+    body = {"key": "L29zaW1n"}  # base64 of /osimg
+    with requests.Session() as s:
+        s.trust_env = False
+        with pytest.raises(requests.exceptions.SSLError):
+            s.post(f"https://127.0.0.1:{port}/v3/kv/range", json=body, verify=str(pki / "ca.crt"), timeout=5)
+        with pytest.raises(requests.exceptions.SSLError):  # the server is not trusted without osimg's CA
+            s.post(f"https://127.0.0.1:{port}/v3/kv/range", json=body, timeout=5,
+                   verify="/etc/ssl/certs/ca-certificates.crt", cert=(str(pki / "client.crt"), str(pki / "client.key")))
+    other = tmp_path / "other-pki"
+    subprocess.run([str(ETCD_SH), "pki", str(other)], check=True, capture_output=True, timeout=60)
+    for f in ("client.crt", "client.key"):
+        (tmp_path / "mixed").mkdir(exist_ok=True)
+        (tmp_path / "mixed" / f).write_bytes((other / f).read_bytes())
+    (tmp_path / "mixed" / "ca.crt").write_bytes((pki / "ca.crt").read_bytes())
+    with pytest.raises(ClusterError), open_store(f"{etcd_url}/sec?pki={tmp_path / 'mixed'}", timeout=3) as forged:
+        forged.get("probe", "x")
+    assert stat.S_IMODE((pki / "client.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(pki.stat().st_mode) == 0o700
