@@ -23,6 +23,7 @@ from orchestrator.cluster.events import ALERT, EventFilter
 from orchestrator.context import Context
 from orchestrator.errors import ConflictError, OsimgError
 from orchestrator.host import qemu_img
+from orchestrator.settings import private_dir
 from orchestrator.vios import attach as att_mod
 from orchestrator.vios import clients as vguest
 from orchestrator.vios import failover, lus, node
@@ -87,9 +88,7 @@ def clients(ctx: Context) -> Iterator[tuple[guests.Guest, guests.Guest]]:
 
 
 def data_lu(ctx: Context, label: str, size: int = 32 << 20) -> lus.LU:
-    d = HOME / "lus"
-    d.mkdir(exist_ok=True)
-    d.chmod(0o755)
+    d = private_dir(HOME / "lus")
     path = d / f"{label}.qcow2"
     qemu_img.make_ext4_volume(path, size, label, str(uuid.uuid4()))
     return lus.define_lu(ctx, gname(label), path, "data")
