@@ -36,12 +36,6 @@ def ensure_key(node_folder: Path) -> Path:
     return d
 
 
-def rotate(node_folder: Path) -> Path:
-    """A new key for the node; it takes effect when the node serves again (restart it)."""
-    (key_dir(node_folder) / PSK_FILE).unlink(missing_ok=True)
-    return ensure_key(node_folder)
-
-
 def key_line(d: Path) -> str:
     return (d / PSK_FILE).read_text().strip()
 
