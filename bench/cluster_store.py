@@ -185,8 +185,10 @@ def main() -> int:
         results["sqlite"] = bench(f"sqlite://{tmp}/cluster.sqlite", *sizes)
         print(f"sqlite done in {time.monotonic() - began:.1f} s", flush=True)
         port, peer_port = free_ports(2)
-        started = subprocess.run(
-            [ETCD_SH, "start", str(port), f"{tmp}/etcd", str(peer_port)], capture_output=True, text=True, check=False
+        subprocess.run([ETCD_SH, "pki", f"{tmp}/pki"], check=True, capture_output=True)
+        started = subprocess.run(  # with TLS and client certificates, as osimg runs it
+            [ETCD_SH, "start", str(port), f"{tmp}/etcd", str(peer_port), f"{tmp}/pki"], capture_output=True, text=True,
+            check=False
         )
         if started.returncode != 0:
             print(f"etcd did not start: {started.stderr.strip()}", file=sys.stderr)
@@ -194,7 +196,7 @@ def main() -> int:
         pid = started.stdout.strip()
         try:
             began = time.monotonic()
-            results["etcd"] = bench(f"etcd://127.0.0.1:{port}/bench", *sizes)
+            results["etcd"] = bench(f"etcds://127.0.0.1:{port}/bench?pki={tmp}/pki", *sizes)
             print(f"etcd done in {time.monotonic() - began:.1f} s", flush=True)
         finally:
             subprocess.run([ETCD_SH, "stop", pid], check=True)

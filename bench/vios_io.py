@@ -70,7 +70,7 @@ def main() -> int:
             for _ in range(SIZE_MIB):
                 f.write(os.urandom(1 << 20))
         lu_file = home / "lu.qcow2"
-        qemu_img.convert(raw, lu_file)
+        qemu_img.convert(raw, lu_file, src_fmt="raw")
         raw.unlink()
         lu_file.chmod(0o644)
         # one file, two LU records: an attachment is per (guest, LU), and the bench attaches it twice

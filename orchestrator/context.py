@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .accel import AccelChoice, choose_accel
 from .cluster.open import open_store
 from .cluster.store import ClusterStore
 from .host.libvirt import Hypervisor
-from .settings import Settings
+from .settings import UMASK, Settings
 
 
 @dataclass
@@ -18,6 +19,10 @@ class Context:
     _accel: AccelChoice | None = field(default=None, repr=False)
     _store: ClusterStore | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # every file osimg (or a tool it runs) creates is root's and QEMU's group's alone: 0640, 0750
+        os.umask(UMASK)
+
     @classmethod
     def from_env(cls, home: str | None = None, uri: str | None = None, store: str | None = None) -> Context:
         return cls(Settings.from_env(home=home, uri=uri, store=store))
@@ -25,7 +30,7 @@ class Context:
     @property
     def hv(self) -> Hypervisor:
         if self._hv is None:
-            self._hv = Hypervisor(self.settings.uri)
+            self._hv = Hypervisor(self.settings.uri, home=str(self.settings.home))
         return self._hv
 
     @property

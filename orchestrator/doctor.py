@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .accel import choose_accel
 from .host.libvirt import VIRTLOGD_SOCK, Hypervisor
-from .settings import QEMU_USER, Settings
+from .settings import QEMU_USER, Settings, narrow, qemu_group_name, too_wide
 
 
 @dataclass
@@ -75,7 +75,29 @@ def _virtlogd() -> tuple[bool, str]:
     return True, f"answers on {VIRTLOGD_SOCK}"
 
 
-def run(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> Report:
+def _modes(settings: Settings, fix: bool) -> Check:
+    """Files and folders under OSIMG_HOME wider than root + QEMU's group (keys and the store: root
+    alone); ``fix`` narrows them (and gives them QEMU's group) instead of only reporting them."""
+    def show(items: list[tuple[Path, int, int]]) -> str:
+        listed = ", ".join(f"{p} {m:04o} (at most {a:04o})" for p, m, a in items[:5])
+        return listed + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    if fix:
+        changed = narrow(settings.home)
+        left = too_wide(settings.home)
+        if left:
+            return Check("file modes", False, f"could not narrow {show(left)}")
+        return Check("file modes", True, f"narrowed {len(changed)}: {show(changed)}" if changed else
+                     f"nothing under {settings.home} is readable beyond root and group {qemu_group_name()}")
+    wide = too_wide(settings.home)
+    if wide:
+        return Check("file modes", False, f"{len(wide)} wider than root + group {qemu_group_name()}: {show(wide)} "
+                     "(osimg doctor --fix narrows them)")
+    return Check("file modes", True, f"nothing under {settings.home} is readable beyond root and group "
+                 f"{qemu_group_name()}")
+
+
+def run(settings: Settings, hv: Hypervisor, reprobe: bool = False, fix: bool = False) -> Report:
     rep = Report()
     rep.versions = hv.versions()
     rep.checks.append(Check("virtlogd", *_virtlogd()))
@@ -86,6 +108,7 @@ def run(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> Report:
     for path, what in ((settings.home, "state folder"), (settings.cache, "image cache")):
         ok, detail = _readable_by(path, QEMU_USER)
         rep.checks.append(Check(f"{what} readable by QEMU", ok, detail))
+    rep.checks.append(_modes(settings, fix))
     rep.checks.append(Check("confinement", True, _confinement()))
     free = shutil.disk_usage(settings.home).free
     rep.checks.append(Check("free disk", free > 2 << 30, f"{free / (1 << 30):.1f} GiB free under {settings.home}"))

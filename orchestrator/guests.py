@@ -22,14 +22,15 @@ from typing import Any
 
 from . import customize
 from .context import Context
-from .errors import ConflictError, NotFoundError, StorageError, ValidationError
+from .errors import ConflictError, NotFoundError, OsimgError, StorageError, ValidationError
 from .host import qemu_img
 from .host.console import wait_for_serial
 from .host.domain import DiskSpec, DomainSpec, NetSpec
 from .host.ssh import Session
 from .images import catalog
+from .settings import private_dir
+from .validate import file_name, inside, short
 from .validate import name as valid_name
-from .validate import short
 
 DATA_LABEL = "osimg-data"
 DATA_TARGET = "vdc"
@@ -93,6 +94,19 @@ class Guest:
         tmp.rename(path)
 
 
+def from_record(ctx: Context, data: object, what: str, hint: str = "") -> Guest:
+    """A guest record (guest.json, a swap journal's old/new) made safe to act on.
+
+    Records are data, not trust: the name and overlay file become paths that root unlinks, and the
+    base, kernel and initrd are opened by QEMU, so each is checked against the name rule or the
+    folders osimg keeps such files in before anything uses it (after ``from_dict``'s field types)."""
+    g = from_dict(data, what, hint)
+    file_name(g.overlay_file, f"{what}: overlay file")
+    for label in ("base", "kernel", "initrd"):
+        inside(getattr(g, label), ctx.settings.file_roots, f"{what}: {label}")
+    return g
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,7 +119,7 @@ FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "dict[str, Any]": dict}
 
 
-def read_record(path: Path) -> Guest:
+def read_record(ctx: Context, path: Path) -> Guest:
     """A guest.json as a Guest, or a StorageError that says what is wrong with it: a record is data
     written by an earlier run (maybe cut short by a crash or edited by hand), not something to trust."""
     what = f"guest record {path}"
@@ -120,7 +134,7 @@ def read_record(path: Path) -> Guest:
         raise StorageError(f"{what} is broken (not JSON: {str(err)[:60]}){hint}") from None
     if len(raw) > MAX_RECORD:
         raise StorageError(f"{what} is broken (larger than {MAX_RECORD >> 20} MiB){hint}")
-    g = from_dict(data, what, hint)
+    g = from_record(ctx, data, what, hint)
     if g.name != path.parent.name:
         raise StorageError(f"{what} is broken (it names {short(g.name, 40)}){hint}")
     return g
@@ -153,7 +167,7 @@ def load(ctx: Context, name: str) -> Guest:
     path = ctx.settings.guests_dir / name / "guest.json"
     if not path.exists():
         raise NotFoundError(f"no guest named {name!r} (see 'osimg guest list')")
-    return read_record(path)
+    return read_record(ctx, path)
 
 
 def all_guests(ctx: Context, hidden: bool = False) -> list[Guest]:
@@ -164,8 +178,8 @@ def all_guests(ctx: Context, hidden: bool = False) -> list[Guest]:
     if root.exists():
         for p in sorted(root.glob("*/guest.json")):
             try:
-                g = read_record(p)
-            except StorageError:
+                g = read_record(ctx, p)
+            except OsimgError:
                 continue
             if hidden or not g.hidden:
                 out.append(g)
@@ -179,8 +193,8 @@ def broken_guests(ctx: Context) -> dict[str, str]:
     if root.exists():
         for p in sorted(root.glob("*/guest.json")):
             try:
-                read_record(p)
-            except StorageError as err:
+                read_record(ctx, p)
+            except OsimgError as err:
                 out[p.parent.name] = str(err)
     return out
 
@@ -253,6 +267,8 @@ def create(
     if ctx.hv.exists(name):
         raise ConflictError(f"libvirt already has a domain named {name!r}; choose another guest name")
     img = catalog.resolve(ctx, image)
+    if ":" not in image:
+        catalog.verify_source(ctx, image)
     if img.disk.stat().st_mode & 0o222:
         raise StorageError(f"image {image!r}: {img.disk} is writable; images must be immutable (mode 0444)")
     accel = ctx.accel.accel
@@ -267,7 +283,7 @@ def create(
         customization=custom.to_dict(),
     )
     gdir.mkdir()
-    gdir.chmod(0o755)
+    private_dir(gdir)
     try:
         qemu_img.create_overlay(g.overlay(ctx), img.disk)
         data = g.data_volume(ctx)

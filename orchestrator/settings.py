@@ -4,13 +4,19 @@
 ``OSIMG_URI``   libvirt URI (default qemu:///system)
 ``OSIMG_CACHE`` build cache: recipe images, etcd (default /var/cache/osimg, shared by every checkout)
 ``OSIMG_ACCEL`` force ``kvm`` or ``tcg`` instead of probing
-``OSIMG_STORE`` cluster store URL (default sqlite under OSIMG_HOME; ``etcd://127.0.0.1:2379``)
+``OSIMG_STORE`` cluster store URL (default sqlite under OSIMG_HOME; ``etcds://127.0.0.1:2379`` for etcd
+              with TLS and a client certificate, see ``cluster.open``)
+``OSIMG_ETCD_PKI`` folder of ``ca.crt``, ``client.crt``, ``client.key`` for etcds:// (default $OSIMG_CACHE/etcd/pki)
+``OSIMG_LU_ROOTS`` folders (``:``-separated) whose files may be LUs, besides OSIMG_HOME and the cache
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +47,103 @@ def state_folder(value: str, what: str) -> Path:
     return path
 
 
+# Only root and QEMU reach guest disks, memory images, sockets and the store. Folders are owned by
+# root with QEMU's group and the setgid bit, so what is made inside gets QEMU's group; the umask
+# keeps every new file from others (0640, 0750).
+UMASK = 0o027
+DIR_MODE = 0o2750
+FILE_MODE = 0o640
+READONLY_MODE = 0o440  # image files: immutable once captured
+SOCKET_MODE = 0o660  # NBD sockets: QEMU connects, nobody else
+PRIVATE_MODE = 0o600  # keys and the SQLite store: root alone
+PRIVATE_SUFFIXES = (".key", ".psk", ".sqlite", ".sqlite-wal", ".sqlite-shm")
+
+
+def qemu_gid() -> int | None:
+    """The primary group of QEMU's user (``kvm`` on Debian), None where that user does not exist."""
+    try:
+        return pwd.getpwnam(QEMU_USER).pw_gid
+    except KeyError:
+        return None
+
+
+def qemu_group_name() -> str:
+    gid = qemu_gid()
+    if gid is None:
+        return "root"
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def private_dir(path: Path) -> Path:
+    """Make ``path`` (and missing parents under it) a folder root and QEMU's group reach, nobody else."""
+    path.mkdir(parents=True, exist_ok=True)
+    gid = qemu_gid()
+    if gid is not None and os.geteuid() == 0:
+        os.chown(path, 0, gid)
+    path.chmod(DIR_MODE)
+    return path
+
+
+def create_private(path: Path, data: bytes, mode: int = PRIVATE_MODE) -> None:
+    """Write a new file that is ``mode`` from its first byte (a key is never world-readable, not even
+    between a write and a chmod); refuses to follow a symlink or to reuse an existing file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def allowed_mode(path: Path, st: os.stat_result) -> int:
+    """The widest permission bits a file or folder under OSIMG_HOME may have."""
+    if stat.S_ISDIR(st.st_mode):
+        return DIR_MODE
+    if stat.S_ISSOCK(st.st_mode):
+        return SOCKET_MODE
+    if path.name.endswith(PRIVATE_SUFFIXES) or path.name.startswith("id_"):
+        return PRIVATE_MODE
+    return FILE_MODE
+
+
+def too_wide(root: Path) -> list[tuple[Path, int, int]]:
+    """Every file or folder under ``root`` (``root`` included; symlinks skipped) whose mode grants
+    more than ``allowed_mode``, or whose group is not QEMU's: (path, mode, allowed)."""
+    out = []
+    gid = qemu_gid()
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        entries = [d] if d == root else []
+        entries += [d / n for n in (*dirnames, *filenames)]
+        for p in entries:
+            try:
+                st = p.lstat()
+            except OSError:
+                continue  # vanished while walking
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            allowed = allowed_mode(p, st)
+            mode = stat.S_IMODE(st.st_mode)
+            wrong_group = gid is not None and st.st_gid not in (gid, 0) and allowed != PRIVATE_MODE
+            if mode & ~allowed & 0o7777 & ~stat.S_ISGID or wrong_group:
+                out.append((p, mode, allowed))
+    return out
+
+
+def narrow(root: Path) -> list[tuple[Path, int, int]]:
+    """``doctor --fix``: take away the bits ``too_wide`` reports (never adds any) and give folders and
+    shared files QEMU's group, so QEMU still reaches what it needs. Returns what was changed."""
+    changed = too_wide(root)
+    gid = qemu_gid()
+    for p, mode, allowed in changed:
+        if gid is not None and allowed != PRIVATE_MODE:
+            os.chown(p, -1, gid, follow_symlinks=False)
+        new = mode & allowed
+        if allowed == DIR_MODE:
+            new |= stat.S_ISGID
+        p.chmod(new)
+    return changed
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -48,6 +151,7 @@ class Settings:
     cache: Path
     accel: str | None
     store_url: str
+    extra_lu_roots: tuple[Path, ...] = ()
 
     @classmethod
     def from_env(cls, home: str | None = None, uri: str | None = None, store: str | None = None) -> Settings:
@@ -65,6 +169,7 @@ class Settings:
             cache=state_folder(os.environ.get("OSIMG_CACHE") or DEFAULT_CACHE, "OSIMG_CACHE"),
             accel=accel,
             store_url=store or os.environ.get("OSIMG_STORE") or f"sqlite://{h / 'cluster.sqlite'}",
+            extra_lu_roots=tuple(Path(p).resolve() for p in os.environ.get("OSIMG_LU_ROOTS", "").split(":") if p),
         )
 
     @property
@@ -76,12 +181,22 @@ class Settings:
         return self.home / "images"
 
     @property
+    def file_roots(self) -> list[Path]:
+        """Where files named by records may lie: the repository and the build cache (recipe images)."""
+        return [self.home, self.cache]
+
+    @property
+    def lu_roots(self) -> list[Path]:
+        """Where an LU's disk file may lie: osimg's own folders and the ones ``OSIMG_LU_ROOTS`` adds."""
+        return [*self.file_roots, *self.extra_lu_roots]
+
+    @property
     def client_key(self) -> Path:
         """The private key osimg logs into guests with (created by ``recipes.client_key``)."""
         return self.cache / "keys" / "id_ed25519"
 
     def ensure_dirs(self) -> None:
-        """Create the state folders world-traversable: QEMU runs as another user and must reach them."""
+        """Create the state folders for root and QEMU's group only (QEMU runs as another user and must
+        reach them; nobody else may). Parents outside OSIMG_HOME need only be traversable."""
         for d in (self.home, self.guests_dir, self.images_dir):
-            d.mkdir(parents=True, exist_ok=True)
-            d.chmod(0o755)
+            private_dir(d)

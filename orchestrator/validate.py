@@ -18,6 +18,7 @@ from .errors import ValidationError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAX_NAME = 63
+FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 
 
 def name(value: object, what: str = "name") -> str:
@@ -32,6 +33,29 @@ def name(value: object, what: str = "name") -> str:
         raise ValidationError(
             f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
         )
+    return value
+
+
+def inside(path: object, roots: list[Path], what: str) -> Path:
+    """``path`` resolved (symlinks followed) if it lies under one of ``roots``, else ValidationError.
+
+    Paths read from store records, journals and saved files are data, not trust: a record that
+    names /etc/shadow must never make root serve, unlink or page in that file."""
+    if not isinstance(path, (str, Path)) or str(path) == "" or "\0" in str(path):
+        raise ValidationError(f"invalid {what} {short(path)}: expected a file path")
+    p = Path(path).resolve()
+    for root in roots:
+        r = root.resolve()
+        if p == r or r in p.parents:
+            return p
+    raise ValidationError(f"{what} {short(str(p))} is outside the allowed roots "
+                          f"({', '.join(str(r) for r in roots)})")
+
+
+def file_name(value: object, what: str) -> str:
+    """A plain file name inside a folder osimg owns (no separator, no '..'), as records store them."""
+    if not isinstance(value, str) or not FILE_RE.match(value) or ".." in value:
+        raise ValidationError(f"invalid {what} {short(value)}: expected a plain file name")
     return value
 
 

@@ -66,8 +66,10 @@ if ! virsh -c qemu:///system version >/dev/null 2>&1; then
 fi
 virsh -c qemu:///system version >/dev/null || { echo "libvirtd does not answer on qemu:///system" >&2; exit 1; }
 
-# 4. etcd binaries from Debian packages (unpacked, not installed: the package would start a service)
+# 4. etcd binaries from Debian packages (unpacked, not installed: the package would start a service),
+#    and the certificates etcds:// clients and etcd itself use (CA, server, client; keys 0600)
 bash scripts/etcd.sh install >/dev/null
+bash scripts/etcd.sh pki "${OSIMG_CACHE:-/var/cache/osimg}/etcd/pki"
 
 # 5. guest images (cached by recipe hash; a cached build is reused at once)
 IMAGES=${OSIMG_PREBUILD:-"tiny:v1 tiny:v2 debian:v1 debian:v2"}

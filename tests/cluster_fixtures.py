@@ -5,6 +5,7 @@ Kept out of conftest.py (which belongs to the whole test suite) and imported by 
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import uuid
@@ -33,13 +34,17 @@ def free_ports(count: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real etcd on 127.0.0.1 for the session, stopped by its PID at the end, even after failures."""
+    """A real etcd on 127.0.0.1 for the session, with TLS and client certificates (as osimg's set-up
+    makes it), stopped by its PID at the end, even after failures. ``OSIMG_ETCD_PKI`` points every
+    ``etcds://`` client of the session, subprocesses too, at its certificates."""
     installed = subprocess.run([ETCD_SH, "install"], capture_output=True, text=True, timeout=600)
     if installed.returncode != 0:
         pytest.skip(f"etcd could not be installed from Debian packages: {installed.stderr.strip()}")
     port, peer_port = free_ports(2)
+    pki = tmp_path_factory.mktemp("etcd-pki") / "pki"
+    subprocess.run([ETCD_SH, "pki", str(pki)], check=True, capture_output=True, timeout=60)
     started = subprocess.run(
-        [ETCD_SH, "start", str(port), str(tmp_path_factory.mktemp("etcd")), str(peer_port)],
+        [ETCD_SH, "start", str(port), str(tmp_path_factory.mktemp("etcd")), str(peer_port), str(pki)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -47,9 +52,15 @@ def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if started.returncode != 0:
         pytest.fail(f"etcd did not start: {started.stderr.strip()}")
     pid = started.stdout.strip()
+    before = os.environ.get("OSIMG_ETCD_PKI")
+    os.environ["OSIMG_ETCD_PKI"] = str(pki)
     try:
-        yield f"etcd://127.0.0.1:{port}"
+        yield f"etcds://127.0.0.1:{port}"
     finally:
+        if before is None:
+            os.environ.pop("OSIMG_ETCD_PKI", None)
+        else:
+            os.environ["OSIMG_ETCD_PKI"] = before
         subprocess.run([ETCD_SH, "stop", pid], check=True, timeout=30)
 
 

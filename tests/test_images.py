@@ -80,7 +80,7 @@ def writable(path: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        path.chmod(0o444)
+        path.chmod(0o440)
 
 
 def rerecord_hash(ctx: Context, name: str) -> None:
@@ -374,7 +374,7 @@ def test_image_files_are_read_only(ctx: Context, built: Built) -> None:
     for name in (V1, s.name):
         d = catalog.image_dir(ctx, name)
         modes = {f.name: oct(f.stat().st_mode & 0o777) for f in d.iterdir()}
-        assert set(modes.values()) == {"0o444"}, (name, modes)
+        assert set(modes.values()) == {"0o440"}, (name, modes)
 
 
 def test_guest_on_an_image_made_writable_is_refused(ctx: Context, built: Built) -> None:

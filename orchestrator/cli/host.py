@@ -16,12 +16,14 @@ from .common import add, emit_json, out
 def register(nouns: dict[str, Any]) -> None:
     d = add(nouns["_top"], "doctor", cmd_doctor, "check the host: versions, accelerator, permissions, disk")
     d.add_argument("--reprobe", action="store_true", help="probe KVM again instead of using the cached result")
+    d.add_argument("--fix", action="store_true", help="narrow files and folders under OSIMG_HOME that are "
+                   "readable beyond root and QEMU's group")
     dm = add(nouns["_top"], "demo", cmd_demo, "run the whole life cycle end to end and report it")
     dm.add_argument("--keep", action="store_true", help="leave the guests and images for inspection")
 
 
 def cmd_doctor(ctx: Context, a: argparse.Namespace) -> int:
-    rep = doctor.run(ctx.settings, ctx.hv, reprobe=a.reprobe)
+    rep = doctor.run(ctx.settings, ctx.hv, reprobe=a.reprobe, fix=a.fix)
     if a.json:
         emit_json({"ok": rep.ok, "versions": rep.versions, "accel": rep.accel,
                    "checks": [asdict(c) for c in rep.checks], "home": str(ctx.settings.home)})

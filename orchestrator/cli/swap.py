@@ -73,6 +73,8 @@ def _resume(ctx: Context, a: argparse.Namespace) -> int:
         if r.rolled_back or not r.ok:
             what = "rolled back" if r.rolled_back else "not resumed"
             err.print(f"osimg: {r.guest}: {what}: {r.error}", markup=False, highlight=False, soft_wrap=True)
+    if any(r.refused for r in results):
+        code = ValidationError.exit_code  # a crafted or broken record is bad input: refused, nothing done
     return code
 
 

@@ -51,7 +51,7 @@ def cmd_vios_list(ctx: Context, a: argparse.Namespace) -> int:
 
 
 def cmd_lu_add(ctx: Context, a: argparse.Namespace) -> int:
-    lu = lus.define_lu(ctx, a.name, a.path, a.role, readonly=a.readonly)
+    lu = lus.define_lu(ctx, a.name, a.path, a.role, readonly=a.readonly, fmt=a.format)
     mode = "ro" if lu.readonly else "rw"
     emit_json(asdict(lu)) if a.json else out.print(f"LU {lu.name}: {lu.path} ({lu.role}, {mode})")
     return 0
@@ -158,6 +158,8 @@ def register(nouns: dict[str, Any]) -> None:
     la.add_argument("path")
     la.add_argument("--role", choices=lus.ROLES, default="data")
     la.add_argument("--readonly", action="store_true")
+    la.add_argument("--format", choices=lus.FORMATS, default=None,
+                    help="the file's format (default: qcow2 for *.qcow2, else raw; never probed)")
     add(lu, "rm", cmd_lu_rm, "delete an LU and its exports (refused while attached)").add_argument("name")
     for verb, fn, what in (("export", cmd_export, "serve an LU from a node"),
                            ("unexport", cmd_unexport, "stop serving an LU from a node")):

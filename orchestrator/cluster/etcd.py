@@ -40,17 +40,27 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 
-from ..errors import ClusterError, ConflictError, LeaseLostError, NotFoundError
+from ..errors import ClusterError, ConflictError, LeaseLostError, NotFoundError, ValidationError
 from .events import Event, EventFilter, Subscription
 from .store import ALIVE, EXCLUSIVE, LEFT, LOST, Adapter, ClusterStore, Fence, Node, Record, Reservation
 
 WATCH_RECONNECT_DELAY = 0.2
+
+
+def tls_files(pki: Path) -> tuple[Path, Path, Path]:
+    """CA certificate, client certificate and client key in ``pki`` (``scripts/etcd.sh pki`` makes them)."""
+    files = (pki / "ca.crt", pki / "client.crt", pki / "client.key")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ValidationError(f"etcd TLS: missing {', '.join(missing)} (make them with 'scripts/etcd.sh pki {pki}')")
+    return files
 
 
 def _b64(text: str) -> str:
@@ -120,12 +130,27 @@ def _compare(key: str, target: str, result: str, value: int, prefix: bool = Fals
 class EtcdStore(ClusterStore):
     """Cluster store in etcd >= 3.4; safe to share between threads."""
 
-    def __init__(self, host: str, port: int, prefix: str, timeout: float) -> None:
-        self.url = f"etcd://{host}:{port}{prefix}"
+    def __init__(self, host: str, port: int, prefix: str, timeout: float, pki: Path | None = None) -> None:
+        """``pki``: a folder with ``ca.crt`` (the CA that signed etcd's certificate: the client verifies
+        the server) and ``client.crt``/``client.key`` (what etcd's --client-cert-auth asks for)."""
+        self.url = f"{'etcds' if pki else 'etcd'}://{host}:{port}{prefix}"
         self._prefix = prefix
         self._timeout = timeout
+        self._tls = tls_files(pki) if pki else None
         # The API path is fixed: discovering it would cost a request, and Debian 12 ships etcd 3.4.
-        self._client = Etcd3Client(host=host, port=port, timeout=timeout, api_path="/v3/")
+        self._client = Etcd3Client(host=host, port=port, timeout=timeout, api_path="/v3/", session=self.session(),
+                                   protocol="https" if pki else "http")
+
+    def session(self) -> requests.Session:
+        """An HTTP session that verifies etcd's certificate against osimg's CA and presents the client's."""
+        s = requests.Session()
+        if self._tls is not None:
+            # requests lets REQUESTS_CA_BUNDLE (set on many hosts) override a session's CA: not ours
+            s.trust_env = False
+            ca, cert, key = self._tls
+            s.verify = str(ca)
+            s.cert = (str(cert), str(key))
+        return s
 
     def _key(self, *parts: object) -> str:
         return "/".join([self._prefix, *map(str, parts)])
@@ -509,7 +534,7 @@ class EtcdSubscription(Subscription):
         self._store = store
         self._queue: queue.Queue[builtins.list[Event]] = queue.Queue()
         self._error: ClusterError | None = None
-        self._session = requests.Session()
+        self._session = store.session()
         self._mutex = threading.Lock()
         self._response: requests.Response | None = None
         self._thread = threading.Thread(target=self._watch, args=(after,), name="etcd-watch", daemon=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -27,6 +28,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from ..errors import ClusterError, ConflictError, LeaseLostError, NotFoundError
+from ..settings import PRIVATE_MODE
 from .events import Event, EventFilter, Subscription
 from .store import (
     ALIVE,
@@ -81,6 +83,11 @@ class SqliteStore(ClusterStore):
         self.url = f"sqlite://{self.path}"
         self._timeout = timeout
         self._mutex = threading.RLock()
+        try:
+            # root's alone from its first byte: the store holds every record osimg trusts to act on
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_MODE))
+        except OSError as err:
+            raise ClusterError(f"cannot open cluster store {self.url}: {err.strerror}") from None
         try:
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")

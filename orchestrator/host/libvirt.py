@@ -20,6 +20,7 @@ import libvirt
 import libvirt_qemu
 
 from ..errors import ConflictError, GuestError, HypervisorError, NotFoundError
+from ..validate import short
 from .domain import DiskSpec, DomainSpec, disk_xml, domain_xml, metadata_of, snapshot_xml
 
 DEFAULT_URI = "qemu:///system"
@@ -52,8 +53,11 @@ class DomainInfo:
 class Hypervisor:
     """One libvirt host reached by URI (the design's CEC)."""
 
-    def __init__(self, uri: str = DEFAULT_URI) -> None:
+    def __init__(self, uri: str = DEFAULT_URI, home: str | None = None) -> None:
+        """``home``: the OSIMG_HOME whose domains this handle may destroy or undefine (its metadata
+        must name it); None only for tools that own the whole host (the test driver's tests)."""
         self.uri = uri
+        self.home = home
         self._conn: libvirt.virConnect | None = None
 
     # -- connection -------------------------------------------------------------------------------
@@ -175,12 +179,25 @@ class Hypervisor:
         with self._calling(name):
             return STATE_NAMES.get(d.state()[0], "?")
 
+    def _check_owner(self, d: libvirt.virDomain, name: str) -> None:
+        """Refuse to touch a domain that osimg did not make for this OSIMG_HOME: a guest name may
+        collide with another tool's domain, and its metadata is what tells them apart."""
+        if self.home is None:
+            return
+        with self._calling(name):
+            owner = metadata_of(d.XMLDesc(0)).get("home")
+        if owner != self.home:
+            why = f"its osimg metadata names {short(owner)}" if owner else "it has no osimg metadata"
+            raise ConflictError(f"libvirt domain {name!r} on {self.uri} was not made by osimg for {self.home} "
+                                f"({why}); refusing to destroy it")
+
     def destroy(self, name: str) -> None:
         """Hard power-off; a no-op when the domain is gone or already off."""
         try:
             d = self.conn.lookupByName(name)
         except libvirt.libvirtError:
             return
+        self._check_owner(d, name)
         with contextlib.suppress(libvirt.libvirtError):
             if d.isActive():
                 d.destroy()
@@ -366,6 +383,7 @@ class Hypervisor:
         spec = DomainSpec(
             name=name, kernel=kernel, initrd=initrd, disks=[], serial_log=str(log), accel="kvm",
             cmdline="console=ttyS0 osimg.probe panic=-1", memory_mib=128, tb_cache_mib=None,
+            metadata={"home": self.home, "probe": "1"} if self.home else {},
         )
         started = time.monotonic()
         try:

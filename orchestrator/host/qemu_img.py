@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StorageError
+from ..settings import READONLY_MODE
 
 CHUNK = 4 << 20
 
@@ -27,6 +28,7 @@ class ImageInfo:
     virtual_size: int
     actual_size: int
     backing: str | None
+    backing_fmt: str | None = None
 
 
 def run(args: list[str], what: str, timeout: float = 600) -> str:
@@ -42,38 +44,50 @@ def run(args: list[str], what: str, timeout: float = 600) -> str:
     return proc.stdout
 
 
-def info(path: str | Path, chain: bool = False) -> ImageInfo:
-    """``qemu-img info`` of one file; ``-U`` so it also works while a guest has the file open."""
-    out = run(["qemu-img", "info", "-U", "--output=json", str(path)], f"inspect {path}")
-    data: dict[str, Any] = json.loads(out)
+FORMATS = ("qcow2", "raw")
+
+
+def _fmt(fmt: str) -> str:
+    """Every qemu-img call names the format: a probe would open a raw disk that a guest wrote, and that
+    starts with a qcow2 header naming /etc/shadow as its backing file, as qcow2."""
+    if fmt not in FORMATS:
+        raise StorageError(f"unsupported image format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _image_info(d: dict[str, Any], path: str) -> ImageInfo:
     return ImageInfo(
-        path=str(path),
-        fmt=str(data.get("format")),
-        virtual_size=int(data.get("virtual-size", 0)),
-        actual_size=int(data.get("actual-size", 0)),
-        backing=data.get("full-backing-filename") or data.get("backing-filename"),
+        path=path,
+        fmt=str(d.get("format")),
+        virtual_size=int(d.get("virtual-size", 0)),
+        actual_size=int(d.get("actual-size", 0)),
+        backing=d.get("full-backing-filename") or d.get("backing-filename"),
+        backing_fmt=d.get("backing-filename-format"),
     )
 
 
-def backing_chain(path: str | Path) -> list[ImageInfo]:
-    """The file and its backing files, top first; raises StorageError on a loop or missing link."""
-    out = run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(path)], f"inspect chain of {path}")
-    items: list[dict[str, Any]] = json.loads(out)
-    return [
-        ImageInfo(
-            path=str(d.get("filename")),
-            fmt=str(d.get("format")),
-            virtual_size=int(d.get("virtual-size", 0)),
-            actual_size=int(d.get("actual-size", 0)),
-            backing=d.get("full-backing-filename") or d.get("backing-filename"),
-        )
-        for d in items
-    ]
+def info(path: str | Path, fmt: str = "qcow2") -> ImageInfo:
+    """``qemu-img info`` of one file of format ``fmt``; ``-U`` so it also works while a guest has it open."""
+    out = run(["qemu-img", "info", "-U", "-f", _fmt(fmt), "--output=json", str(path)], f"inspect {path}")
+    return _image_info(json.loads(out), str(path))
 
 
-def check(path: str | Path) -> None:
+def backing_chain(path: str | Path, fmt: str = "qcow2") -> list[ImageInfo]:
+    """The file and its backing files, top first; raises StorageError on a loop, a missing link or a
+    link whose format its overlay does not record (QEMU would probe it)."""
+    out = run(["qemu-img", "info", "-U", "-f", _fmt(fmt), "--backing-chain", "--output=json", str(path)],
+              f"inspect chain of {path}")
+    chain = [_image_info(d, str(d.get("filename"))) for d in json.loads(out)]
+    for link in chain:
+        if link.backing and link.backing_fmt not in FORMATS:
+            raise StorageError(f"{link.path}: its backing file {link.backing} has no recorded format "
+                               f"(it would be probed); rebase it with -F qcow2")
+    return chain
+
+
+def check(path: str | Path, fmt: str = "qcow2") -> None:
     """Structural check of a qcow2 file (``qemu-img check``)."""
-    run(["qemu-img", "check", "-U", "-q", str(path)], f"check {path}")
+    run(["qemu-img", "check", "-U", "-q", "-f", _fmt(fmt), str(path)], f"check {path}")
 
 
 def create_overlay(path: Path, backing: Path, size: int | None = None) -> None:
@@ -90,13 +104,14 @@ def create_blank(path: Path, size: int) -> None:
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], f"create {path.name}")
 
 
-def convert(src: Path, dst: Path, fmt: str = "qcow2") -> None:
+def convert(src: Path, dst: Path, fmt: str = "qcow2", src_fmt: str = "qcow2") -> None:
     """Full copy (data and metadata), flattening any backing chain: the result is independent."""
-    run(["qemu-img", "convert", "-O", fmt, str(src), str(dst)], f"copy {src.name} to {dst.name}")
+    run(["qemu-img", "convert", "-f", _fmt(src_fmt), "-O", _fmt(fmt), str(src), str(dst)],
+        f"copy {src.name} to {dst.name}")
 
 
-def resize(path: Path, size: int) -> None:
-    run(["qemu-img", "resize", "-q", str(path), str(size)], f"resize {path.name}")
+def resize(path: Path, size: int, fmt: str = "qcow2") -> None:
+    run(["qemu-img", "resize", "-q", "-f", _fmt(fmt), str(path), str(size)], f"resize {path.name}")
 
 
 def make_ext4_volume(path: Path, size: int, label: str, uuid: str, owner: str | None = None) -> None:
@@ -109,7 +124,7 @@ def make_ext4_volume(path: Path, size: int, label: str, uuid: str, owner: str | 
         if owner:
             args += ["-E", f"root_owner={owner}"]
         run([*args, str(raw)], f"format {path.name}")
-        convert(raw, path)
+        convert(raw, path, src_fmt="raw")
 
 
 def sha256(path: str | Path) -> str:
@@ -125,4 +140,4 @@ def allocated_bytes(path: str | Path) -> int:
 
 
 def write_protect(path: Path) -> None:
-    path.chmod(0o444)
+    path.chmod(READONLY_MODE)

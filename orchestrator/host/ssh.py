@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import GuestError, StorageError
+from ..settings import create_private
 
 
 @dataclass
@@ -35,12 +36,9 @@ def ensure_client_key(path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         key = Ed25519PrivateKey.generate()
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            )
-        )
-        tmp.chmod(0o600)
+        tmp.unlink(missing_ok=True)  # left by a crash between create and rename
+        create_private(tmp, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
         line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         pub.write_text(line.decode() + " osimg\n")
         tmp.rename(path)

@@ -30,8 +30,10 @@ from typing import Any
 
 from .. import recipes
 from ..context import Context
-from ..errors import ConflictError, NotFoundError, StorageError
+from ..errors import ConflictError, NotFoundError, StorageError, ValidationError
 from ..host import qemu_img
+from ..settings import private_dir
+from ..validate import file_name, inside, short
 from ..validate import name as valid_name
 
 KIND = "image"
@@ -87,7 +89,19 @@ def image_dir(ctx: Context, name: str) -> Path:
 
 
 def _to_image(rec: dict[str, Any]) -> Image:
-    return Image(**rec)
+    """A catalog record as an Image, its names checked: they become paths under the repository
+    (an image's folder, its source's state file), and a record is data, not trust."""
+    try:
+        img = Image(**rec)
+    except TypeError:
+        raise ValidationError(f"image record {short(rec.get('name'))} is malformed") from None
+    valid_name(img.name, "image name in the catalog")
+    for what, value in (("parent", img.parent), ("state_from", img.state_from)):
+        if value is not None:
+            valid_name(value, f"image {img.name}: {what}")
+    for fname in img.files:
+        file_name(fname, f"image {img.name}: file")
+    return img
 
 
 def get(ctx: Context, name: str) -> Image:
@@ -114,6 +128,8 @@ def resolve(ctx: Context, ref: str) -> BootImage:
     """Find the image called ``ref`` (a catalog name, or a recipe ``FAMILY:VERSION`` built on demand)."""
     if ":" in ref:
         build = recipes.ensure_built(ctx.settings, ref)
+        if len(qemu_img.backing_chain(build.disk)) != 1:
+            raise StorageError(f"recipe image {ref}: {build.disk} has a backing file; a recipe build stands alone")
         m = build.manifest
         return BootImage(
             ref=ref, disk=build.disk, kernel=build.dir / "vmlinuz", initrd=build.dir / "initrd.img",
@@ -125,6 +141,9 @@ def resolve(ctx: Context, ref: str) -> BootImage:
     d = image_dir(ctx, ref)
     boot = _boot_dir(ctx, img)
     state = image_dir(ctx, img.state_from) / STATE if img.has_memory_state and img.state_from else None
+    if state is not None:
+        # only a catalog image's own save file is paged in (it carries a QEMU command line)
+        state = inside(state, [ctx.settings.images_dir], f"image {ref}: memory state")
     return BootImage(
         ref=ref, disk=d / DISK, kernel=boot / "vmlinuz", initrd=boot / "initrd.img", cmdline=img.cmdline,
         host_key=img.host_key, os_version=img.os_version, family=img.family, memory_mib=img.memory_mib,
@@ -152,7 +171,7 @@ def finish(ctx: Context, tmp: Path, img: Image) -> Image:
     (tmp / "manifest.json").write_text(json.dumps(asdict(img), indent=2))
     for f in tmp.iterdir():
         qemu_img.write_protect(f)
-    tmp.chmod(0o755)
+    private_dir(tmp)
     final = image_dir(ctx, img.name)
     tmp.rename(final)
     ctx.store.put(KIND, img.name, asdict(img))
@@ -162,8 +181,43 @@ def finish(ctx: Context, tmp: Path, img: Image) -> Image:
 def staging(ctx: Context, name: str) -> Path:
     ctx.settings.ensure_dirs()
     tmp = ctx.settings.images_dir / f".tmp-{name}-{uuidlib.uuid4().hex[:8]}"
-    tmp.mkdir()
+    private_dir(tmp)
     return tmp
+
+
+def stat_key(path: Path) -> list[int]:
+    """What changes when a file is replaced or written: size, mtime, ctime (not settable by a user) and inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+VERIFIED = ".verified.json"
+
+
+def verify_source(ctx: Context, name: str) -> None:
+    """``verify`` an image used as a source (snapshot, guest create, fleet up), cached by the files'
+    ``stat_key``: rehashing a 250 MB disk per guest costs a second, and a file changed since the last
+    verification changes its key, so it is verified again."""
+    img = get(ctx, name)
+    d = image_dir(ctx, name)
+    cache = ctx.settings.images_dir / VERIFIED
+    try:
+        known: dict[str, Any] = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    try:
+        key = {f: [*stat_key(d / f), digest] for f, digest in sorted(img.files.items())}
+    except OSError:
+        key = None
+    if key is not None and known.get(name) == key:
+        if img.kind == "snapshot" and img.parent:
+            verify_source(ctx, img.parent)
+        return
+    verify(ctx, name, raise_on_error=True)
+    known[name] = key
+    tmp = cache.with_suffix(f".{uuidlib.uuid4().hex[:6]}")
+    tmp.write_text(json.dumps(known))
+    tmp.rename(cache)
 
 
 def clone(ctx: Context, src_name: str, dst: str) -> Image:
@@ -193,6 +247,7 @@ def snapshot(ctx: Context, src_name: str, dst: str) -> Image:
     """Metadata-only image: an empty qcow2 overlay on the read-only source."""
     src = get(ctx, src_name)
     check_new_name(ctx, dst)
+    verify_source(ctx, src_name)
     sdir = image_dir(ctx, src_name)
     tmp = staging(ctx, dst)
     try:
@@ -204,10 +259,11 @@ def snapshot(ctx: Context, src_name: str, dst: str) -> Image:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def import_disk(ctx: Context, name: str, disk_path: Path, like: str = "tiny:v1") -> Image:
+def import_disk(ctx: Context, name: str, disk_path: Path, like: str = "tiny:v1", fmt: str = "qcow2") -> Image:
     """Catalog a disk prepared outside osimg (copied in, flattened), booting with ``like``'s kernel and keys.
 
-    No builder runs, so there is no memory state; the caller vouches that the disk holds ``like``'s OS.
+    No builder runs, so there is no memory state; the caller vouches that the disk holds ``like``'s
+    OS, and says its format ``fmt`` (never probed).
     """
     check_new_name(ctx, name)
     if not disk_path.is_file():
@@ -215,7 +271,7 @@ def import_disk(ctx: Context, name: str, disk_path: Path, like: str = "tiny:v1")
     src = resolve(ctx, like)
     tmp = staging(ctx, name)
     try:
-        qemu_img.convert(disk_path, tmp / DISK)
+        qemu_img.convert(disk_path, tmp / DISK, src_fmt=fmt)
         shutil.copyfile(src.kernel, tmp / "vmlinuz")
         shutil.copyfile(src.initrd, tmp / "initrd.img")
         img = Image(

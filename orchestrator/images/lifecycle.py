@@ -143,6 +143,6 @@ def remove(ctx: Context, name: str) -> None:
     d = catalog.image_dir(ctx, name)
     if d.exists():
         for f in d.iterdir():
-            f.chmod(0o644)
+            f.chmod(0o600)  # writable again, so rmtree can remove it
         shutil.rmtree(d)
     ctx.store.delete(catalog.KIND, name)

@@ -50,10 +50,11 @@ from typing import Any
 
 from .. import guests
 from ..context import Context
-from ..errors import ClusterError, OsimgError, SwapError
+from ..errors import ClusterError, OsimgError, SwapError, ValidationError
 from ..images import catalog
 from ..process import Progress, dead_local_holder, holder_id, quiet
 from ..validate import name as valid_name
+from ..validate import short
 from . import journal
 from .cold import cold
 from .plan import STRATEGIES, Plan, plan
@@ -170,10 +171,13 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
     for listed in journal.entries(ctx):
         try:
             name = valid_name(listed.get("guest"), "guest name in the swap journal")
+            if (ctx.settings.guests_dir / name).exists():
+                _records(ctx, name, listed)
         except OsimgError as err:
-            # a record cut short or edited by hand: say so and leave it for a person to look at
+            # a record cut short, edited by hand or crafted: refused, nothing is done for it (its paths
+            # would be unlinked or booted by root); a person looks at it
             out.append(SwapResult(str(listed.get("guest"))[:63], str(listed.get("strategy"))[:10], "?", "?", "?",
-                                  error=f"{err}; nothing was done for this record"))
+                                  error=f"{err}; nothing was done for this record", refused=True))
             continue
         if not (ctx.settings.guests_dir / name).exists():
             progress(f"{name}: the guest was removed; dropping its journal entry")
@@ -204,12 +208,23 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
     return out
 
 
+def _records(ctx: Context, name: str, rec: dict[str, Any]) -> tuple[guests.Guest, guests.Guest]:
+    """The old and new guest records of a journal entry, checked like any record before use."""
+    hint = "; inspect the guest by hand and remove the entry"
+    try:
+        old = guests.from_record(ctx, rec.get("old"), f"swap journal record of {name}: old", hint)
+        new = guests.from_record(ctx, rec.get("new"), f"swap journal record of {name}: new", hint)
+    except OsimgError as err:
+        raise ValidationError(str(err)) from None
+    if old.name != name or new.name != name:
+        raise ValidationError(f"swap journal record of {name}: its records name guest {short(old.name)} "
+                              f"and {short(new.name)}{hint}")
+    return old, new
+
+
 def _resume_one(ctx: Context, lease: Any, rec: dict[str, Any], res: SwapResult, progress: Progress) -> None:
     name = res.guest
-    old = guests.from_dict(rec.get("old"), f"swap journal record of {name}: old",
-                           "; inspect the guest by hand and remove the entry")
-    new = guests.from_dict(rec.get("new"), f"swap journal record of {name}: new",
-                           "; inspect the guest by hand and remove the entry")
+    old, new = _records(ctx, name, rec)
     res.old_version = old.os_version
     step = str(rec.get("step", ""))
     if step in (journal.PREPARING, journal.PREPARED) and ctx.hv.is_active(name):

@@ -49,6 +49,7 @@ class SwapResult:
     # had to kill because they kept /data busy past the grace
     stopped: list[str] = field(default_factory=list)
     killed: list[str] = field(default_factory=list)
+    refused: bool = False  # a journal record that failed its checks: nothing was done for it
 
 
 

@@ -30,10 +30,11 @@ from typing import Any
 from ..cluster.events import ATTACHED, DETACHED, LIFECYCLE
 from ..cluster.store import EXCLUSIVE, SHARED_READ, Record
 from ..context import Context
-from ..errors import ConflictError, HypervisorError, NotFoundError, OsimgError
+from ..errors import ConflictError, HypervisorError, NotFoundError, OsimgError, ValidationError
 from ..host.domain import DiskSpec
+from ..validate import inside
 from ..validate import name as valid_name
-from . import lus
+from . import lus, tls
 from .lus import ATTACH_KIND, SERVING, STANDBY, Export
 
 RECONNECT_DELAY = 2  # seconds an NBD path waits for its server to come back before failing requests
@@ -51,6 +52,7 @@ class Path_:
     blockdev: str = ""
     child: str = ""  # the quorum child name ("children.N")
     connected: bool = False
+    tls: str | None = None  # the node's key folder: the export is reached over TCP with TLS
 
 
 @dataclass
@@ -146,12 +148,34 @@ def nbd_blockdev(p: Path_, lu: str, readonly: bool) -> dict[str, Any]:
     server: dict[str, Any] = (
         {"type": "unix", "path": p.socket} if p.socket else {"type": "inet", "host": "127.0.0.1", "port": str(p.port)}
     )
-    return {"driver": "nbd", "node-name": p.blockdev, "server": server, "export": lu,
-            "reconnect-delay": RECONNECT_DELAY, "read-only": readonly}
+    bd = {"driver": "nbd", "node-name": p.blockdev, "server": server, "export": lu,
+          "reconnect-delay": RECONNECT_DELAY, "read-only": readonly}
+    if p.tls:
+        bd["tls-creds"] = tls.creds_id(p.node)
+    return bd
+
+
+def tls_object(ctx: Context, p: Path_) -> dict[str, Any] | None:
+    """The client TLS object a path needs, None for a unix socket. The key folder comes from a store
+    record: it must lie under OSIMG_HOME before QEMU is told to load a key from it."""
+    if not p.tls:
+        return None
+    d = inside(p.tls, [ctx.settings.home], f"TLS key folder of node {p.node}")
+    return tls.client_object(p.node, d)
+
+
+def ensure_tls_object(ctx: Context, guest: str, p: Path_) -> None:
+    """Load the node's key into the guest's QEMU once (``object-add``), before a blockdev names it."""
+    obj = tls_object(ctx, p)
+    if obj is None:
+        return
+    present = {o.get("name") for o in (qmp(ctx, guest, "qom-list", path="/objects") or [])}
+    if obj["id"] not in present:
+        qmp(ctx, guest, "object-add", **obj)
 
 
 def _path_for(exp: Export) -> Path_:
-    return Path_(exp.node, exp.name, exp.socket, exp.port)
+    return Path_(exp.node, exp.name, exp.socket, exp.port, tls=exp.tls)
 
 
 def attach(
@@ -180,10 +204,14 @@ def attach(
         where = ", ".join(f"{e.node} ({e.status})" for e in exports) or "no live node"
         raise NotFoundError(f"LU {lu.name} is not served by any live VIOS node ({where}); "
                             f"export it with 'osimg vios export {lu.name} NODE'")
+    over_tls = any(e.tls for e in exports)
     if via is None:
-        via = "qmp" if len(exports) > 1 else "libvirt"
+        via = "qmp" if len(exports) > 1 or over_tls else "libvirt"
     if via not in ("qmp", "libvirt"):
         raise OsimgError(f"invalid attachment method {via!r}: expected qmp or libvirt")
+    if via == "libvirt" and over_tls:
+        raise ValidationError(f"LU {lu.name} is served over TCP with a TLS key, which libvirt 9.0 cannot give an "
+                              "NBD disk; attach it with --via qmp")
     mode = SHARED_READ if lu.readonly else EXCLUSIVE
     cid = ctx.store.allocate_client_id(guest)
     aid = ctx.store.allocate_adapter_id(cid, lu.name)
@@ -232,6 +260,7 @@ def _disk_spec(att: Attachment, p: Path_) -> DiskSpec:
 def add_blockdev(ctx: Context, att: Attachment, p: Path_) -> None:
     p.blockdev = f"vios{att.client_id}x{att.adapter_id}p{att.next_path}"
     att.next_path += 1
+    ensure_tls_object(ctx, att.guest, p)
     qmp(ctx, att.guest, "blockdev-add", **nbd_blockdev(p, att.lu, att.readonly))
     p.connected = True
 

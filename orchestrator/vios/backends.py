@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import itertools
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -34,6 +35,8 @@ from ..context import Context
 from ..errors import ConflictError, GuestError, OsimgError, StorageError, ValidationError
 from ..host.domain import DiskSpec
 from ..host.ssh import Session
+from ..settings import SOCKET_MODE, private_dir, qemu_gid
+from . import tls
 from .attach import scsi_target
 from .lus import LU, Export
 from .qmp import Qmp
@@ -65,13 +68,16 @@ class QsdBackend:
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.folder.chmod(0o755)
+        private_dir(self.folder)
         self.nbd_socket.unlink(missing_ok=True)
         self.proc = start_storage_daemon(self.qmp_socket, self.folder / "qsd.pid", self.folder / "qsd.log")
         self._qmp = Qmp(self.qmp_socket)
         self._qmp.execute("nbd-server-start", addr={"type": "unix", "data": {"path": str(self.nbd_socket)}})
-        self.nbd_socket.chmod(0o666)
+        # QEMU (its group) connects; nobody else: the socket serves every guest's disks
+        gid = qemu_gid()
+        if gid is not None:
+            os.chown(self.nbd_socket, 0, gid)
+        self.nbd_socket.chmod(SOCKET_MODE)
 
     def alive(self) -> str | None:
         """None while serving, else why not."""
@@ -102,7 +108,7 @@ class QsdBackend:
                 self._qmp.execute("blockdev-del", **{"node-name": node})
             raise
         self._nodes[exp.name] = node
-        return {"socket": str(self.nbd_socket), "port": None}
+        return {"socket": str(self.nbd_socket), "port": None, "tls": None}
 
     def unserve(self, export: str) -> None:
         node = self._nodes.pop(export, None)
@@ -196,6 +202,7 @@ class GuestBackend:
         self._serving: dict[str, int] = {}  # export -> slot
         self._disks: dict[str, DiskSpec] = {}
         self._session: Session | None = None
+        self.tls_dir = tls.ensure_key(folder)
 
     @property
     def pid(self) -> int | None:
@@ -217,6 +224,9 @@ class GuestBackend:
             ctx.hv.create(spec)
             guests.wait_ready(ctx, g, timeout=300)
             self._session = guests.session(ctx, g)
+            # the node's NBD key reaches the guest over the pinned SSH session, never a disk or a port
+            self._run(f"umask 077; mkdir -p {tls.GUEST_DIR}; "
+                      f"printf '%s\\n' {shlex.quote(tls.key_line(self.tls_dir))} > {tls.GUEST_DIR}/{tls.PSK_FILE}")
         except BaseException:
             with contextlib.suppress(OsimgError):
                 guests.remove(ctx, self.domain)
@@ -252,7 +262,7 @@ class GuestBackend:
         # inside the guest, on its private slirp network: the host reaches it only via the 127.0.0.1 forward
         anywhere = "0.0.0.0"  # noqa: S104
         nbd = ["qemu-nbd", "-f", "raw", *ro, "-x", lu.name, "-b", anywhere, "-p", str(NBD_PORT + slot),
-               "--persistent", "--shared=16", "--fork", f"--pid-file=/run/nbd-{slot}.pid"]
+               *tls.server_args(), "--persistent", "--shared=16", "--fork", f"--pid-file=/run/nbd-{slot}.pid"]
         try:
             self._run(
                 f"n=0; until ls /sys/bus/scsi/devices/*:0:0:{unit}/block >/dev/null 2>&1; do n=$((n+1)); "
@@ -266,7 +276,7 @@ class GuestBackend:
             raise
         self._serving[exp.name] = slot
         self._disks[exp.name] = disk
-        return {"socket": None, "port": self.ports[slot]}
+        return {"socket": None, "port": self.ports[slot], "tls": str(self.tls_dir)}
 
     def unserve(self, export: str) -> None:
         slot = self._serving.pop(export, None)

@@ -23,7 +23,7 @@ from ..context import Context
 from ..errors import NotFoundError, OsimgError, ValidationError
 from ..settings import QEMU_USER
 from . import lus
-from .attach import Attachment, Path_, nbd_blockdev
+from .attach import Attachment, Path_, nbd_blockdev, tls_object
 from .lus import ATTACH_KIND, SERVING, alive_nodes
 
 
@@ -65,7 +65,7 @@ def create_client(ctx: Context, name: str, image: str, lu_name: str, nodes: list
             ctx.store.reserve(lu.name, alive[e.node], name, SHARED_READ)
             reserved.append(alive[e.node])
         for i, e in enumerate(exports):
-            att.paths.append(Path_(e.node, e.name, e.socket, e.port, blockdev=f"vios{cid}x{aid}p{i}",
+            att.paths.append(Path_(e.node, e.name, e.socket, e.port, tls=e.tls, blockdev=f"vios{cid}x{aid}p{i}",
                                    child=f"children.{i}", connected=True))
         att.next_path = att.next_child = len(att.paths)
         overlay = g.overlay(ctx)
@@ -82,6 +82,10 @@ def create_client(ctx: Context, name: str, image: str, lu_name: str, nodes: list
         spec.disks = [d for d in spec.disks if d.target != "vda"]
         spec.cmdline = spec.cmdline.replace("root=/dev/vda", "root=/dev/sda")
         # -device must be JSON too: QEMU 7.2 creates legacy "k=v" devices before libvirt's controller
+        objects = {p.node: tls_object(ctx, p) for p in att.paths}
+        for obj in objects.values():
+            if obj is not None:
+                spec.extra_qemu_args += ["-object", json.dumps(obj)]
         for bd in blockdevs:
             spec.extra_qemu_args += ["-blockdev", json.dumps(bd)]
         spec.extra_qemu_args += ["-device", json.dumps(device)]

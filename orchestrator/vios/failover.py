@@ -112,6 +112,6 @@ def _new_path(ctx: Context, att: Attachment, alive: dict[str, int], dead_nodes: 
         if p.node == exp.node:
             p.export, p.socket, p.port = exp.name, exp.socket, exp.port
             return p
-    p = Path_(exp.node, exp.name, exp.socket, exp.port)
+    p = Path_(exp.node, exp.name, exp.socket, exp.port, tls=exp.tls)
     att.paths.append(p)
     return p

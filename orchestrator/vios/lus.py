@@ -29,12 +29,14 @@ from ..cluster.store import ALIVE, LU_KIND, Record
 from ..context import Context
 from ..errors import ConflictError, NotFoundError, StorageError, ValidationError
 from ..host import qemu_img
+from ..validate import inside, short
 from ..validate import name as valid_name
 
 EXPORT_KIND = "export"
 ATTACH_KIND = "attachment"
 NODE_KIND = "vios"
 ROLES = ("base", "overlay", "data", "paging")
+FORMATS = ("qcow2", "raw")
 
 PENDING = "pending"
 SERVING = "serving"
@@ -65,6 +67,7 @@ class Export:
     port: int | None = None
     error: str = ""
     created: float = field(default_factory=time.time)
+    tls: str | None = None  # the node's key folder when the export is reached over TCP with TLS
 
     @property
     def usable(self) -> bool:
@@ -79,6 +82,18 @@ def lu_from_record(rec: Record) -> LU:
     return LU(**{k: rec[k] for k in LU.__dataclass_fields__ if k in rec})
 
 
+def checked_lu(ctx: Context, rec: Record) -> LU:
+    """An LU record made safe to act on: its name follows the name rule, its file lies under the LU
+    roots and its format is one osimg declares (never probed). Records are data, not trust: anyone
+    who could write the store must not make root serve /etc/shadow."""
+    lu = lu_from_record(rec)
+    valid_name(lu.name, "LU name")
+    lu.path = str(inside(lu.path, ctx.settings.lu_roots, f"LU {lu.name}: file"))
+    if lu.fmt not in FORMATS:
+        raise ValidationError(f"LU {lu.name}: format {short(lu.fmt)} is not one of {', '.join(FORMATS)}")
+    return lu
+
+
 def export_from_record(rec: Record) -> Export:
     return Export(**{k: rec[k] for k in Export.__dataclass_fields__ if k in rec})
 
@@ -88,19 +103,32 @@ def publish(ctx: Context, kind: str, type_: str, obj: str, **data: Any) -> None:
 
 
 # -- LUs --------------------------------------------------------------------------------------------------
-def define_lu(ctx: Context, name: str, path: str | Path, role: str, readonly: bool | None = None) -> LU:
-    """Record a disk file as an LU; base images and paging files are read-only whatever is asked."""
+def format_of(path: Path) -> str:
+    """The format osimg declares for a file it made: ``*.qcow2`` files are qcow2, anything else raw.
+
+    Never probed: a raw disk a guest wrote can start with a qcow2 header naming /etc/shadow as its
+    backing file, and probing would open it as qcow2."""
+    return "qcow2" if path.suffix == ".qcow2" else "raw"
+
+
+def define_lu(ctx: Context, name: str, path: str | Path, role: str, readonly: bool | None = None,
+              fmt: str | None = None) -> LU:
+    """Record a disk file as an LU; base images and paging files are read-only whatever is asked.
+
+    The file must lie under the LU roots (OSIMG_HOME, the build cache, ``OSIMG_LU_ROOTS``); its
+    format is ``fmt``, or else the one its name declares (``format_of``)."""
     valid_name(name, "LU name")
     if role not in ROLES:
         raise ValidationError(f"invalid LU role {role!r}: expected one of {', '.join(ROLES)}")
-    p = Path(path).resolve()
+    p = inside(path, ctx.settings.lu_roots, f"LU {name}: file")
     if not p.is_file():
         raise NotFoundError(f"LU {name}: no disk file at {p}")
+    fmt = fmt or format_of(p)
+    if fmt not in FORMATS:
+        raise ValidationError(f"LU {name}: format {short(fmt)} is not one of {', '.join(FORMATS)}")
     ro = True if role in ("base", "paging") else bool(readonly)
-    inf = qemu_img.info(p)
-    if inf.fmt not in ("qcow2", "raw"):
-        raise StorageError(f"LU {name}: {p} is {inf.fmt}; a VIOS serves qcow2 or raw files")
-    lu = LU(name, str(p), inf.fmt, ro, role, inf.virtual_size)
+    inf = qemu_img.info(p, fmt)
+    lu = LU(name, str(p), fmt, ro, role, inf.virtual_size)
 
     def create(cur: Record | None) -> Record:
         if cur is not None and (cur.get("path") != lu.path or cur.get("readonly") != ro):
@@ -118,7 +146,7 @@ def get_lu(ctx: Context, name: str) -> LU:
     rec = ctx.store.get(LU_KIND, valid_name(name, "LU name"))
     if rec is None:
         raise NotFoundError(f"no LU named {name!r} in the cluster (see 'osimg cluster status')")
-    return lu_from_record(rec)
+    return checked_lu(ctx, rec)
 
 
 def list_lus(ctx: Context) -> list[LU]:
@@ -213,7 +241,8 @@ def demote(ctx: Context, name: str) -> None:
     """Make a writable LU's export on a failed node a standby, so that node does not grab it back."""
 
     def off(cur: Record | None) -> Record | None:
-        return None if cur is None else {**cur, "active": False, "status": PENDING, "socket": None, "port": None}
+        return None if cur is None else {**cur, "active": False, "status": PENDING, "socket": None, "port": None,
+                                         "tls": None}
 
     ctx.store.update(EXPORT_KIND, name, off)
     publish(ctx, LIFECYCLE, "demoted", f"export/{name}")

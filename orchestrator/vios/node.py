@@ -37,6 +37,7 @@ from ..cluster.events import LIFECYCLE, EventFilter
 from ..cluster.store import LU_KIND
 from ..context import Context
 from ..errors import ConflictError, NotFoundError, OsimgError, StorageError
+from ..settings import private_dir
 from ..validate import name as valid_name
 from . import lus
 from .backends import GuestBackend, QsdBackend
@@ -106,8 +107,7 @@ class ViosNode:
         self.ctx.store.put(NODE_KIND, self.name, asdict(self.info))
 
     def run(self) -> int:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.folder.chmod(0o755)
+        private_dir(self.folder)
         self._publish_info()
         reg = self.agent.start()
         self.info.node_id = reg.node.id
@@ -187,7 +187,7 @@ class ViosNode:
                 lus.set_status(self.ctx, name, FAILED, f"LU {exp.lu} no longer exists")
                 continue
             try:
-                where = self.backend.serve(exp, lus.lu_from_record(rec))
+                where = self.backend.serve(exp, lus.checked_lu(self.ctx, rec))
             except OsimgError as err:
                 log.error("%s: cannot serve %s: %s", self.name, name, err)
                 lus.set_status(self.ctx, name, FAILED, str(err))
@@ -244,9 +244,8 @@ def start(ctx: Context, name: str, as_guest: bool = False, ttl: float = DEFAULT_
                             f"stop it with 'osimg vios stop {name}'")
     d = folder(ctx, name)
     ctx.settings.ensure_dirs()
-    d.mkdir(parents=True, exist_ok=True)
-    d.parent.chmod(0o755)
-    d.chmod(0o755)
+    private_dir(d.parent)
+    private_dir(d)
     logf = d / "daemon.log"
     args = [sys.executable, "-m", "orchestrator.vios.node", name, "--home", str(ctx.settings.home),
             "--uri", ctx.settings.uri, "--store", ctx.settings.store_url, "--ttl", str(ttl), "--slots", str(slots)]

@@ -23,7 +23,7 @@ options:
     type: str
   store:
     description:
-      - The cluster store URL, for example C(sqlite:///var/lib/osimg/cluster.sqlite) or C(etcd://127.0.0.1:2379).
+      - The cluster store URL, for example C(sqlite:///var/lib/osimg/cluster.sqlite) or C(etcds://127.0.0.1:2379) (etcd over TLS with a client certificate).
       - Defaults to C(OSIMG_STORE), then an SQLite file in I(home).
     type: str
 requirements:
