@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,11 @@ from . import journal
 
 ROLLBACK_SNAPSHOT = "osimg-rollback"
 PAGEIN_FILE = "pagein.sav"
+RESEED_HELPER = "/usr/sbin/osimg-reseed"  # images/common/reseed, built into every guest image
+RESEED_BYTES = 64
+# For the experiment in the README only (are restored RNG states really identical?): "1" skips the
+# reseed. Never set it in production: guests paged in from one state then share their RNG output.
+NO_RESEED_ENV = "OSIMG_EXPERIMENT_NO_RESEED"
 
 
 @dataclass
@@ -91,11 +97,34 @@ def guest_sh(ctx: Context, g: guests.Guest, script: str, what: str, timeout: flo
     return out
 
 
+def reseed(ctx: Context, name: str) -> bool:
+    """Push fresh host entropy into a just paged-in guest's RNG and force an immediate CRNG reseed.
+
+    A memory state restored into many guests resumes them all with one RNG state, so without this
+    they would draw the same "random" bytes (keys, nonces, TCP sequence numbers). The Debian 6.1
+    cloud kernel has no CONFIG_VMGENID, so the guest does not notice the new generation ID itself:
+    the host does it, through the guest agent (a channel only the host has), with one guest-exec of
+    the image's static helper (RNDADDENTROPY + RNDRESEEDCRNG), before anything else runs in the
+    guest. Returns False when switched off for the experiment (NO_RESEED_ENV).
+    """
+    if os.environ.get(NO_RESEED_ENV) == "1":
+        return False
+    try:
+        rc, _, err = ctx.hv.guest_exec(name, [RESEED_HELPER], stdin=os.urandom(RESEED_BYTES), timeout=10)
+    except OsimgError as e:
+        raise GuestError(f"{name}: could not reseed the guest's RNG through the agent ({e}); the image needs "
+                         f"{RESEED_HELPER} and a running guest agent (rebuild it with this osimg)") from None
+    if rc != 0:
+        raise GuestError(f"{name}: reseeding the guest's RNG failed ({rc}): {err.strip()[-200:]}")
+    return True
+
+
 def moved(g: guests.Guest, target: catalog.BootImage, overlay: str) -> guests.Guest:
     """The guest's record as it will be on the target image."""
     return guests.Guest(**{**asdict(g), "image": target.ref, "base": str(target.disk),
                                "kernel": str(target.kernel), "initrd": str(target.initrd), "cmdline": target.cmdline,
-                               "host_key": target.host_key, "os_version": target.os_version, "family": target.family,
+                               "host_key": g.host_key if g.own_host_key else target.host_key,
+                               "os_version": target.os_version, "family": target.family,
                                "ready_marker": target.ready_marker, "overlay_file": overlay})
 
 
@@ -150,6 +179,9 @@ def rollback(ctx: Context, old: guests.Guest, new_overlay: str | None) -> None:
         ctx.hv.destroy(old.name)
         ctx.hv.define(persistent_xml(ctx, old))
         ctx.hv.snapshot_revert(old.name, ROLLBACK_SNAPSHOT)
+        # a revert is a page-in too: the old OS resumes with the RNG state it was snapshotted with
+        with contextlib.suppress(OsimgError):
+            reseed(ctx, old.name)
         ctx.hv.snapshot_delete(old.name, ROLLBACK_SNAPSHOT)
     elif exists and ctx.hv.is_active(old.name) and step in ("prepared", "releasing", "released", "quiesced"):
         pass  # never left the old OS
@@ -167,7 +199,8 @@ def rollback(ctx: Context, old: guests.Guest, new_overlay: str | None) -> None:
     data_disk = guests.data_disk(ctx, old)
     if data_disk is not None and str(data_disk.path) not in ctx.hv.xml(old.name):
         ctx.hv.attach_disk(old.name, data_disk)
-    guest_sh(ctx, old, live_script(old.custom(), old.name, old.data_uuid), "re-attaching data and application")
+    guest_sh(ctx, old, live_script(old.custom(), old.name, old.data_uuid, old.own_key(ctx)),
+             "re-attaching data and application")
     ctx.hv.define(persistent_xml(ctx, old))
     old.save(ctx)
     if new_overlay and new_overlay != old.overlay_file:
