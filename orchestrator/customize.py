@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -254,8 +255,20 @@ def _printable(c: str) -> bool:
             or 0x10000 <= n <= 0x10FFFF)
 
 
-def render(guest: str, c: Customization, instance_id: str) -> dict[str, str]:
-    """The three NoCloud files for one guest."""
+@dataclass(frozen=True)
+class HostKey:
+    """A guest's own SSH host key: the private key in OpenSSH format and its public line."""
+
+    private: str
+    public: str
+
+
+def render(guest: str, c: Customization, instance_id: str, host_key: HostKey | None = None) -> dict[str, str]:
+    """The three NoCloud files for one guest.
+
+    ``host_key`` goes into cloud-init's ``ssh_keys`` (the tiny image's reader honours the same key),
+    so the guest presents its own host key from its first boot on, not the image's.
+    """
     name = c.hostname or guest
     meta = {"instance-id": instance_id, "local-hostname": name}
     # spelled out so the tiny image, which reads "hostname" as it is, ends up with cloud-init's name
@@ -282,6 +295,8 @@ def render(guest: str, c: Customization, instance_id: str) -> dict[str, str]:
         ud["mounts"] = [[m.device, m.path, m.fstype, m.options, "0", "2"] for m in c.mounts]
     if c.init_scripts:
         ud["runcmd"] = list(c.init_scripts)
+    if host_key is not None:
+        ud["ssh_keys"] = {"ed25519_private": host_key.private, "ed25519_public": host_key.public}
     files = {
         "meta-data": "\n".join(_yaml(meta)) + "\n",
         "user-data": "#cloud-config\n" + "\n".join(_yaml(ud)) + "\n",
@@ -296,28 +311,83 @@ def render(guest: str, c: Customization, instance_id: str) -> dict[str, str]:
 
 
 def write_config_drive(path: Path, files: dict[str, str]) -> None:
-    """An ISO9660 image labelled ``cidata`` with Rock Ridge and Joliet names (pure Python)."""
+    """An ISO9660 image labelled ``cidata`` with Rock Ridge and Joliet names (pure Python).
+
+    Created 0600: it may carry the guest's private host key. libvirt hands it to QEMU's user
+    while the guest runs (dynamic ownership).
+    """
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
     for i, (fname, text) in enumerate(sorted(files.items())):
         data = text.encode()
         iso.add_fp(io.BytesIO(data), len(data), f"/F{i}.;1", rr_name=fname, joliet_path=f"/{fname}")
     tmp = path.with_suffix(".tmp")
-    iso.write(str(tmp))
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        iso.write_fp(f)
     iso.close()
     tmp.rename(path)
 
 
 # -- the live form (warm swap) ---------------------------------------------------------------------------------------
-def live_script(c: Customization, guest: str, data_uuid: str | None) -> str:
+def identity_lines(host_key: HostKey | None, machine_id: str | None) -> list[str]:
+    """Shell lines giving a paged-in OS this guest's identity instead of the golden state's.
+
+    The golden state carries the host key and machine-id of the builder it was captured from, the
+    same for every guest paged in from it. ``host_key`` is installed for whichever SSH server the
+    image has and the server is made to use it at once: dropbear (tiny) reads its key only at
+    start, so it is restarted (after converting the OpenSSH key to its own format, as at boot);
+    OpenSSH is sent SIGHUP (it re-executes and reloads its keys). ``machine_id`` replaces
+    /etc/machine-id (and a separate dbus copy) where the image has one (Debian); the kernel's
+    boot_id cannot be changed from inside a running guest.
+    """
+    q = sh_quote
+    lines: list[str] = []
+    if host_key is not None:
+        lines += [
+            f"K={q(host_key.private)}",
+            "if [ -x /usr/sbin/dropbearconvert ]; then",
+            "  F=/etc/dropbear/dropbear_ed25519_host_key",
+            "  (umask 077; printf '%s\\n' \"$K\" >/run/osimg-host-key &&",
+            "   dropbearconvert openssh dropbear /run/osimg-host-key \"$F.new\" >/dev/null 2>&1) &&"
+            " mv -f \"$F.new\" \"$F\" ||"
+            " { rm -f /run/osimg-host-key \"$F.new\"; echo 'installing the host key failed' >&2; exit 1; }",
+            "  rm -f /run/osimg-host-key",
+            "  if [ -s /run/dropbear.pid ]; then P=$(cat /run/dropbear.pid); kill \"$P\" 2>/dev/null; n=0",
+            "    while kill -0 \"$P\" 2>/dev/null && [ $n -lt 200 ]; do n=$((n+1)); sleep 0.01; done; fi",
+            "  /usr/sbin/dropbear -r \"$F\" -p 22 -P /run/dropbear.pid </dev/null >/dev/null 2>&1",
+            "elif [ -d /etc/ssh ]; then",
+            "  F=/etc/ssh/ssh_host_ed25519_key",
+            "  (umask 077; printf '%s\\n' \"$K\" >\"$F.new\") && mv -f \"$F.new\" \"$F\" ||"
+            " { echo 'installing the host key failed' >&2; exit 1; }",
+            f"  printf '%s\\n' {q(host_key.public)} >\"$F.pub\"",
+            "  if [ -s /run/sshd.pid ]; then kill -HUP \"$(cat /run/sshd.pid)\"; fi",
+            "fi",
+            "unset K",
+        ]
+    if machine_id is not None:
+        lines += [
+            f"MID={q(machine_id)}",
+            '[ -s /etc/machine-id ] && echo "$MID" >/etc/machine-id',
+            "D_=/var/lib/dbus/machine-id",
+            '[ -f "$D_" ] && [ ! -L "$D_" ] && echo "$MID" >"$D_"',
+        ]
+    return lines
+
+
+def live_script(c: Customization, guest: str, data_uuid: str | None, host_key: HostKey | None = None,
+                machine_id: str | None = None) -> str:
     """The guest's NoCloud customization as a POSIX shell script for a *running* OS.
 
     A warm swap pages in a golden state that booted without this guest's config drive, so the same
-    settings are applied live: hostname, address, accounts, mounts, modules, init scripts, the app.
-    Written for both busybox and Debian userlands (``ip``, ``findfs`` and plain file edits).
+    settings are applied live: host key and machine-id (``identity_lines``), hostname, address,
+    accounts, mounts, modules, init scripts, the app. Written for both busybox and Debian userlands
+    (``ip``, ``findfs`` and plain file edits).
     """
     q = sh_quote
-    lines = ["set -u", f"H={q(c.short_hostname(guest))}", 'echo "$H" >/etc/hostname; hostname "$H"']
+    lines = ["set -u", *identity_lines(host_key, machine_id), f"H={q(c.short_hostname(guest))}",
+             'echo "$H" >/etc/hostname; hostname "$H"']
     if c.address:
         lines += [
             "ip addr flush dev eth0",

@@ -2,7 +2,8 @@
 
 Each guest lives in ``OSIMG_HOME/guests/NAME/``: ``guest.json`` (its record), ``os.qcow2`` (its
 redirect-on-write delta), ``cidata.iso`` (its customization), ``data.qcow2`` (its application
-data, never an overlay of the OS) and ``console.log``. The libvirt domain has the same name and
+data, never an overlay of the OS), ``ssh_host_ed25519_key`` (its own SSH host key, 0600) and
+``console.log``. The libvirt domain has the same name and
 carries an osimg metadata element so ``guest list`` can tell our domains from anyone else's.
 """
 
@@ -26,7 +27,7 @@ from .errors import ConflictError, NotFoundError, OsimgError, StorageError, Vali
 from .host import qemu_img
 from .host.console import wait_for_serial
 from .host.domain import DiskSpec, DomainSpec, NetSpec
-from .host.ssh import Session
+from .host.ssh import Session, new_host_key
 from .images import catalog
 from .settings import private_dir
 from .validate import file_name, inside, short
@@ -37,6 +38,7 @@ DATA_TARGET = "vdc"
 DATA_SERIAL = "osimg-data"
 MAX_VCPUS = 64
 MIN_DATA, MAX_DATA = 8 << 20, 16 << 40  # mkfs.ext4 needs a few MiB; the fleet spec allows the same range
+HOST_KEY_FILE = "ssh_host_ed25519_key"
 
 
 @dataclass
@@ -68,6 +70,9 @@ class Guest:
     customization: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     overlay_file: str = "os.qcow2"  # a swap puts the new OS on a new file, so the old one survives for rollback
+    # host_key is the guest's own (made at create, on its config drive); False: the image's key
+    # (a builder without a drive, or a record from before per-guest keys)
+    own_host_key: bool = False
 
     def dir(self, ctx: Context) -> Path:
         return ctx.settings.guests_dir / self.name
@@ -83,6 +88,15 @@ class Guest:
 
     def console(self, ctx: Context) -> Path:
         return self.dir(ctx) / "console.log"
+
+    def host_key_file(self, ctx: Context) -> Path:
+        return self.dir(ctx) / HOST_KEY_FILE
+
+    def own_key(self, ctx: Context) -> customize.HostKey | None:
+        """The guest's own host key (private and public), or None when it presents the image's."""
+        if not self.own_host_key:
+            return None
+        return customize.HostKey(self.host_key_file(ctx).read_text(), self.host_key)
 
     def custom(self) -> customize.Customization:
         return customize.Customization.from_dict(self.customization)
@@ -229,7 +243,7 @@ def data_disk(ctx: Context, g: Guest) -> DiskSpec | None:
 
 def write_customization(ctx: Context, g: Guest) -> None:
     c = g.custom().with_data(g.data_uuid)
-    customize.write_config_drive(g.config_drive(ctx), customize.render(g.name, c, g.uuid))
+    customize.write_config_drive(g.config_drive(ctx), customize.render(g.name, c, g.uuid, g.own_key(ctx)))
 
 
 def create(
@@ -290,6 +304,9 @@ def create(
         if data is not None and g.data_uuid:
             qemu_img.make_ext4_volume(data, data_size, DATA_LABEL, g.data_uuid)
         if config_drive:
+            # its own host key, on its own drive: no other guest of the image can pass as this one
+            g.host_key = new_host_key(g.host_key_file(ctx))
+            g.own_host_key = True
             write_customization(ctx, g)
         g.save(ctx)
         if start:

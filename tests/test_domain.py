@@ -428,3 +428,24 @@ def test_retarget_refuses_a_cookie_offset_outside_the_header(tmp_path: Path) -> 
     src.write_bytes(bytes(raw))
     with pytest.raises(HypervisorError, match="cookie offset"):
         retarget_saved_state(src, tmp_path / "out.sav", "<domain/>")
+
+
+# -- the VM generation ID --------------------------------------------------------------------------------------------
+def test_every_domain_gets_its_own_genid_and_reads_it_back(tmp_path: Path) -> None:
+    a, b = guest_spec(tmp_path / "a"), guest_spec(tmp_path / "b")
+    assert a.genid and b.genid and a.genid != b.genid
+    root = ET.fromstring(domain_xml(a))
+    assert [c.tag for c in root][:3] == ["name", "uuid", "genid"] and root.findtext("genid") == a.genid
+    assert DomainSpec.from_xml(domain_xml(a)).genid == a.genid
+
+
+def test_page_in_gives_a_saved_state_with_a_genid_a_new_one_every_time(tmp_path: Path) -> None:
+    gold = "0c5b3f3e-1111-4c39-9a51-0b7b3c1d2e4f"
+    saved = SAVED_XML.replace("</uuid>", f"</uuid>\n  <genid>{gold}</genid>", 1)
+    spec = page_in_spec(tmp_path)
+    first, second = (DomainDocument.parse(rewrite_identity(saved, spec)).genid for _ in range(2))
+    assert first and second and len({gold, first, second, spec.genid}) == 4
+    # a state saved without the device stays without it: adding one would be new hardware to the saved guest
+    assert DomainDocument.parse(rewrite_identity(SAVED_XML, spec)).genid is None
+    with pytest.raises(HypervisorError, match="cannot gain the vmgenid"):
+        DomainDocument.parse(SAVED_XML).genid = gold

@@ -39,6 +39,8 @@ mmdebstrap --mode=root --variant=apt --format=directory \
 # 2. osimg's files: cloud-init and network defaults, sshd, units, the demo app
 cp -R --no-preserve=ownership "$HERE/rootfs/." "$HERE/../common/app/." "$R/"
 mkdir -p "$R/data" "$R/usr/lib/modules"
+# the RNG reseed helper a warm swap runs through the guest agent (static: nothing to copy with it)
+bash "$HERE/../common/reseed/build.sh" "$R/usr/sbin/osimg-reseed"
 cp -a "$MODULES" "$R/usr/lib/modules/"
 rm -f "$R/usr/lib/modules/$KVER/build" "$R/usr/lib/modules/$KVER/source"
 echo "osimg-debian" >"$R/etc/hostname"

@@ -30,8 +30,10 @@ chmod 1777 "$R/tmp"; chmod 700 "$R/root" "$R/root/.ssh"
 cp -a "$HERE/rootfs/." "$HERE/../common/app/." "$R/"
 cp /usr/bin/busybox "$R/bin/busybox"
 for a in $(/usr/bin/busybox --list-full); do [ -e "$R/$a" ] || ln -s /bin/busybox "$R/$a"; done
-BINS="/usr/sbin/dropbear /usr/sbin/qemu-ga ${EXTRA_BINS:-}"
+BINS="/usr/sbin/dropbear /usr/bin/dropbearconvert /usr/sbin/qemu-ga ${EXTRA_BINS:-}"
 for b in $BINS; do cp "$ST$b" "$R/usr/sbin/"; done
+# the RNG reseed helper a warm swap runs through the guest agent (static: nothing to copy with it)
+bash "$HERE/../common/reseed/build.sh" "$R/usr/sbin/osimg-reseed"
 for b in $BINS; do
   b=$R/usr/sbin/$(basename "$b")
   LD_LIBRARY_PATH="$ST/usr/lib/x86_64-linux-gnu" ldd "$b" | grep -o '/[^ ]*' | while read -r lib; do

@@ -250,6 +250,12 @@ class DomainSpec:
 
     ``tb_cache_mib`` is TCG's translation cache and only exists for ``accel='qemu'`` (libvirt refuses
     TCG features on a KVM domain), so it is None for any other accelerator.
+
+    ``genid`` is the VM generation ID (``<genid>``, QEMU's vmgenid device): a guest kernel that
+    watches it learns it was cloned or restored and reseeds its RNG. Every domain gets one; a golden
+    state saved with it gets a new one at every page-in (``rewrite_identity``, and libvirt itself
+    regenerates it on restore). A state saved without the device cannot gain it later (the device
+    would be new hardware to the saved guest), so only states captured with it carry it.
     """
 
     name: str
@@ -266,6 +272,7 @@ class DomainSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     tb_cache_mib: int | None = 64
     extra_qemu_args: list[str] = field(default_factory=list)
+    genid: str | None = field(default_factory=lambda: str(uuidlib.uuid4()))  # None: read from a domain without one
 
     def __post_init__(self) -> None:
         if self.accel != "qemu" or not self.tb_cache_mib:
@@ -275,6 +282,8 @@ class DomainSpec:
         dom = ET.Element("domain", {"type": self.accel})
         ET.SubElement(dom, "name").text = self.name
         ET.SubElement(dom, "uuid").text = self.uuid
+        if self.genid is not None:
+            ET.SubElement(dom, "genid").text = self.genid
         if self.metadata:
             meta = ET.SubElement(dom, "metadata")
             ET.SubElement(meta, OSIMG_GUEST, dict(sorted(self.metadata.items())))
@@ -398,6 +407,20 @@ class DomainDocument:
     @uuid.setter
     def uuid(self, value: str) -> None:
         self._set_text(self.root, "uuid", value)
+
+    @property
+    def genid(self) -> str | None:
+        """The VM generation ID; None when the domain has no ``<genid>`` (no vmgenid device)."""
+        el = self.root.find("genid")
+        return None if el is None else (el.text or "")
+
+    @genid.setter
+    def genid(self, value: str) -> None:
+        el = self.root.find("genid")
+        if el is None:
+            raise HypervisorError(f"domain {self.name} has no <genid>: a saved state cannot gain the vmgenid "
+                                  "device (capture the image again to give its guests one)")
+        el.text = value
 
     @property
     def accel(self) -> str:
@@ -586,7 +609,7 @@ class DomainDocument:
             serial_log=self._required(self.serial_log, "file-backed serial console"), accel=self.accel,
             memory_mib=memory if memory is not None else 256, vcpus=vcpus if vcpus is not None else 1,
             net=self.net, metadata=self.metadata, tb_cache_mib=self.tb_cache_mib,
-            extra_qemu_args=self.extra_qemu_args,
+            extra_qemu_args=self.extra_qemu_args, genid=self.genid,
         )
 
 
@@ -608,11 +631,14 @@ def rewrite_identity(xml: str, spec: DomainSpec) -> str:
     Used when a golden image's memory state is paged into a guest. Everything guest-visible (the
     device model, MAC, PCI layout) stays as saved, because libvirt's ABI check refuses changes
     there. Disks of ``spec`` that the saved domain does not have (the data volume, hot-plugged
-    after the page-in) are left out.
+    after the page-in) are left out. The VM generation ID is the exception: every page-in gets a
+    new one (a state saved without a ``<genid>`` keeps having none: the device cannot be added).
     """
     doc = DomainDocument.parse(xml)
     doc.name = spec.name
     doc.uuid = spec.uuid
+    if doc.genid is not None:
+        doc.genid = str(uuidlib.uuid4())
     doc.metadata = spec.metadata
     for disk in spec.disks:
         if disk.path:

@@ -289,12 +289,13 @@ class Hypervisor:
             return int(d.fsThaw())
 
     def guest_exec(
-        self, name: str, argv: list[str], stdin: str | None = None, timeout: float = 60
+        self, name: str, argv: list[str], stdin: str | bytes | None = None, timeout: float = 60
     ) -> tuple[int, str, str]:
         """Run a program in the guest through the agent: no SSH handshake, so it fits in a downtime window."""
         args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
         if stdin is not None:
-            args["input-data"] = base64.b64encode(stdin.encode()).decode()
+            data = stdin.encode() if isinstance(stdin, str) else stdin
+            args["input-data"] = base64.b64encode(data).decode()
         pid = self.agent(name, "guest-exec", args, timeout=10)["pid"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,13 +1,16 @@
-"""SSH into guests through their 127.0.0.1 forward, with the image's host key pinned.
+"""SSH into guests through their 127.0.0.1 forward, with the guest's own host key pinned.
 
-Host keys are generated at image build time and recorded in the image's manifest, so the client
-knows the key before the first connection: RejectPolicy, never auto-adding an unknown key (no trust on first use).
+Every guest gets its own host key from osimg at creation (``new_host_key``), delivered on its config
+drive; a builder guest without a drive presents the key made at image build and recorded in the
+image's manifest. Either way the client knows the key before the first connection: RejectPolicy,
+never auto-adding an unknown key (no trust on first use).
 Commands go over the wire as argv lists quoted with ``shlex.join``, or as a script on stdin.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import shlex
 import socket
 import time
@@ -43,6 +46,30 @@ def ensure_client_key(path: Path) -> str:
         pub.write_text(line.decode() + " osimg\n")
         tmp.rename(path)
     return pub.read_text().strip()
+
+
+def new_host_key(path: Path) -> str:
+    """Write a new ed25519 host key (OpenSSH format, what cloud-init's ``ssh_keys`` and dropbearconvert
+    read) to ``path``, created 0600 so it is never readable by others, not even for a moment.
+
+    Returns the public key line (``ssh-ed25519 AAAA...``) that SSH sessions pin. Refuses to
+    overwrite: a guest's key changes only by rotation (a new file, then a move).
+    """
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                         serialization.PublicFormat.OpenSSH).decode()
+
+
+def public_key_of(path: Path) -> str:
+    """The public line of a private key file written by ``new_host_key``."""
+    key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                         serialization.PublicFormat.OpenSSH).decode()
 
 
 def wait_banner(port: int, timeout: float) -> None:
@@ -94,7 +121,8 @@ class Session:
                 return
             except paramiko.BadHostKeyException as err:
                 client.close()
-                raise GuestError(f"127.0.0.1:{port}: host key does not match the image's pinned key ({err})") from None
+                raise GuestError(f"127.0.0.1:{port}: HostKey mismatch: the guest there presents another key than the "
+                                 f"one pinned for it ({err}); refusing to talk to it") from None
             except (paramiko.SSHException, OSError) as err:
                 last = err
                 client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -27,6 +28,11 @@ from . import journal
 ROLLBACK_SNAPSHOT = "osimg-rollback"
 PAGEIN_FILE = "pagein.sav"
 RESUME_HINT = "run 'osimg swap --resume'"
+RESEED_HELPER = "/usr/sbin/osimg-reseed"  # images/common/reseed, built into every guest image
+RESEED_BYTES = 64
+# For the experiment in the README only (are restored RNG states really identical?): "1" skips the
+# reseed. Never set it in production: guests paged in from one state then share their RNG output.
+NO_RESEED_ENV = "OSIMG_EXPERIMENT_NO_RESEED"
 
 
 @dataclass
@@ -200,11 +206,34 @@ def start_workload(ctx: Context, g: guests.Guest) -> None:
         guest_sh(ctx, g, f"sh -c {sh_quote(cmd)} </dev/null >/dev/null 2>&1\n", "starting the workload")
 
 
+def reseed(ctx: Context, name: str) -> bool:
+    """Push fresh host entropy into a just paged-in guest's RNG and force an immediate CRNG reseed.
+
+    A memory state restored into many guests resumes them all with one RNG state, so without this
+    they would draw the same "random" bytes (keys, nonces, TCP sequence numbers). The Debian 6.1
+    cloud kernel has no CONFIG_VMGENID, so the guest does not notice the new generation ID itself:
+    the host does it, through the guest agent (a channel only the host has), with one guest-exec of
+    the image's static helper (RNDADDENTROPY + RNDRESEEDCRNG), before anything else runs in the
+    guest. Returns False when switched off for the experiment (NO_RESEED_ENV).
+    """
+    if os.environ.get(NO_RESEED_ENV) == "1":
+        return False
+    try:
+        rc, _, err = ctx.hv.guest_exec(name, [RESEED_HELPER], stdin=os.urandom(RESEED_BYTES), timeout=10)
+    except OsimgError as e:
+        raise GuestError(f"{name}: could not reseed the guest's RNG through the agent ({e}); the image needs "
+                         f"{RESEED_HELPER} and a running guest agent (rebuild it with this osimg)") from None
+    if rc != 0:
+        raise GuestError(f"{name}: reseeding the guest's RNG failed ({rc}): {err.strip()[-200:]}")
+    return True
+
+
 def moved(g: guests.Guest, target: catalog.BootImage, overlay: str) -> guests.Guest:
     """The guest's record as it will be on the target image."""
     return guests.Guest(**{**asdict(g), "image": target.ref, "base": str(target.disk),
                                "kernel": str(target.kernel), "initrd": str(target.initrd), "cmdline": target.cmdline,
-                               "host_key": target.host_key, "os_version": target.os_version, "family": target.family,
+                               "host_key": g.host_key if g.own_host_key else target.host_key,
+                               "os_version": target.os_version, "family": target.family,
                                "ready_marker": target.ready_marker, "overlay_file": overlay})
 
 
@@ -349,12 +378,14 @@ def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | N
     journal.write(ctx, lease, old.name, step=journal.ROLLING_BACK, rollback_from=step)
     failpoint("rollback-started")
     exists = ctx.hv.exists(old.name)
+    reverted = False
     if exists and ctx.hv.has_snapshot(old.name, ROLLBACK_SNAPSHOT):
         # paged out: page the old OS back in from its snapshot (memory and disk as they were)
         ctx.hv.destroy(old.name)
         failpoint("rollback-new-destroyed")
         ctx.hv.define(persistent_xml(ctx, old))
         ctx.hv.snapshot_revert(old.name, ROLLBACK_SNAPSHOT)
+        reverted = True
         failpoint("rollback-reverted")
         ctx.hv.snapshot_delete(old.name, ROLLBACK_SNAPSHOT)
         # a resume from here must not boot the old OS again: its memory state is back
@@ -375,11 +406,15 @@ def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | N
         ctx.hv.resume(old.name)
     with contextlib.suppress(OsimgError):
         ctx.hv.fs_thaw(old.name)
+    if reverted:
+        # a revert is a page-in too: the old OS resumes with the RNG state it was snapshotted with
+        with contextlib.suppress(OsimgError):
+            reseed(ctx, old.name)
     data_disk = guests.data_disk(ctx, old)
     if data_disk is not None and str(data_disk.path) not in ctx.hv.xml(old.name):
         ctx.hv.attach_disk(old.name, data_disk)
     failpoint("rollback-data-attached")
-    guest_sh(ctx, old, unquiesce(old) + live_script(old.custom(), old.name, old.data_uuid),
+    guest_sh(ctx, old, unquiesce(old) + live_script(old.custom(), old.name, old.data_uuid, old.own_key(ctx)),
              "re-attaching data and application")
     with contextlib.suppress(OsimgError):
         start_workload(ctx, old)  # the old OS is back either way; a workload that will not start is its own

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid as uuidlib
 from dataclasses import asdict
 
 from .. import guests
@@ -33,6 +34,7 @@ from .steps import (
     moved,
     new_overlay_name,
     quiesce,
+    reseed,
     roll_back,
     start_workload,
     step,
@@ -105,6 +107,9 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         mark(ctx, lease, g.name, "paged-in")
         failpoint("warm-paged-in")
         step(res, "page-in", t0)
+        # before anything else runs in the guest: it resumed with the golden state's RNG
+        if reseed(ctx, g.name):
+            step(res, "reseed", t0)
         if data_disk is not None:
             ctx.hv.attach_disk(g.name, data_disk)
         failpoint("warm-data-attached")
@@ -113,7 +118,10 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         with contextlib.suppress(OsimgError):
             ctx.hv.agent(g.name, "guest-set-time", {"time": time.time_ns()}, timeout=5)
         progress(f"{g.name}: customize and start the application")
-        guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid), "live customization")
+        # the guest's own host key (the golden state presents the builder's) and a new machine-id,
+        # in the same agent call as the rest of the customization, before anything connects over SSH
+        guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid, new.own_key(ctx), uuidlib.uuid4().hex),
+                 "live customization")
         start_workload(ctx, new)
         mark(ctx, lease, g.name, "customized")
         failpoint("warm-customized")
