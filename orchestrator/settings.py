@@ -5,6 +5,7 @@
 ``OSIMG_CACHE`` build cache: recipe images, etcd (default /var/cache/osimg, shared by every checkout)
 ``OSIMG_ACCEL`` force ``kvm`` or ``tcg`` instead of probing
 ``OSIMG_STORE`` cluster store URL (default sqlite under OSIMG_HOME; ``etcd://127.0.0.1:2379``)
+``OSIMG_KVM_DEVICE`` the KVM device the probe checks (default /dev/kvm; a missing path forces the TCG fallback)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Settings:
     cache: Path
     accel: str | None
     store_url: str
+    kvm_device: str = "/dev/kvm"
 
     @classmethod
     def from_env(cls, home: str | None = None, uri: str | None = None, store: str | None = None) -> Settings:
@@ -40,6 +42,7 @@ class Settings:
             cache=Path(os.environ.get("OSIMG_CACHE") or DEFAULT_CACHE).resolve(),
             accel=accel,
             store_url=store or os.environ.get("OSIMG_STORE") or f"sqlite://{h / 'cluster.sqlite'}",
+            kvm_device=os.environ.get("OSIMG_KVM_DEVICE") or "/dev/kvm",
         )
 
     @property

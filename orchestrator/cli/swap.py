@@ -59,6 +59,9 @@ def _report_swaps(results: list[swap.SwapResult], as_json: bool, empty: str = "n
                       f"{r.downtime:.2f}s" if r.downtime is not None else "-",
                       f"{r.counter_before} -> {r.counter_after}", r.error or "")
         out.print(t)
+        for r in results:
+            if r.note:
+                out.print(f"{r.guest}: {r.note}")
     return 0 if all(r.ok for r in results) else SwapError.exit_code
 
 

@@ -37,6 +37,7 @@ class SwapResult:
     counter_after: int | None = None
     error: str | None = None
     steps: dict[str, float] = field(default_factory=dict)
+    note: str | None = None  # what the user should know about a successful swap (e.g. deferred settings)
 
 
 
