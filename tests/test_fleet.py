@@ -9,7 +9,11 @@ its 127.0.0.1 forward: the host never sends traffic to a private-range address.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -228,6 +232,77 @@ def test_resize_rejects_unknown_guest_and_disk(ctx: Context) -> None:
     assert res.returncode == 3 and "no guest named" in res.stderr
     res = osimg("guest", "resize", gname("ghost"), "--disk", "swap", "--size", "1G")
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_guests_without_ip_get_an_address_in_their_networks_subnet(tmp_path: Path) -> None:
+    spec = {"networks": {"lan": {"subnet": "10.9.0.0/24", "gateway": "10.9.0.2"}},
+            "guests": [{"name": "a", "image": "tiny:v1"}, {"name": "b", "image": "tiny:v1", "ip": "10.9.0.15"},
+                       {"name": "c", "image": "tiny:v1"}]}
+    a, b, c = fleetspec.load(write_spec(tmp_path, spec)).guests
+    assert (a.custom.address, a.custom.gateway) == ("10.9.0.16/24", "10.9.0.2")
+    assert b.custom.address == "10.9.0.15/24" and c.custom.address == "10.9.0.17/24"
+    assert a.custom.user_mode_net() == "10.9.0.0/24,dhcpstart=10.9.0.16"
+    # on the default user-mode subnet the image's own address (10.0.2.15) still applies
+    plain = fleetspec.load(write_spec(tmp_path, {"guests": [{"name": "a", "image": "tiny:v1"}]})).guests[0]
+    assert plain.custom.address is None and plain.custom.user_mode_net() == "10.0.2.0/24"
+
+
+LIBVIRT_SPEC = {
+    "name": "lvfleet",
+    "networks": {"prod": {"mode": "libvirt", "subnet": "192.168.122.0/24", "gateway": "192.168.122.1",
+                          "network": "default"}},
+    "defaults": {"image": "tiny:v1", "memory": "128M"},
+    "guests": [{"name": "lv1"}, {"name": "lv2", "ip": "192.168.122.15"}],
+}
+
+
+def test_libvirt_network_fleet_no_wait_and_prune_on_the_test_driver(tmp_path: Path) -> None:
+    """libvirt's test:///default driver has a 'default' network: the domains a libvirt-mode fleet
+    defines are checked there without QEMU and without touching the host's networking."""
+    home = tmp_path / "home"
+    env = {**os.environ, "OSIMG_HOME": str(home), "OSIMG_ACCEL": "tcg"}
+    path = write_spec(tmp_path, LIBVIRT_SPEC)
+    exe = Path(sys.executable).parent / "osimg"
+    # test-driver domains never print the ready marker: without --no-wait this would wait for the timeout
+    res = subprocess.run([str(exe), "--uri", "test:///default", "fleet", "up", str(path), "--no-wait", "--json",
+                          "--timeout", "600"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [(g["name"], g["action"], g["ready_seconds"]) for g in out["guests"]] == [
+        ("lv1", "created", None), ("lv2", "created", None)]
+    # the libvirt test driver forgets its domains with the process: the rest runs in this one
+    os.environ["OSIMG_ACCEL"] = "tcg"
+    try:
+        lctx = Context.from_env(home=str(home / "api"), uri="test:///default")
+    finally:
+        del os.environ["OSIMG_ACCEL"]
+    try:
+        spec = fleetspec.load(path, lctx)
+        reconcile.up(lctx, spec, wait=False)
+        macs = set()
+        for name, ip in (("lv1", "192.168.122.16"), ("lv2", "192.168.122.15")):
+            dom = ET.fromstring(lctx.hv.xml(name))
+            iface = dom.find("devices/interface")
+            assert iface is not None and iface.get("type") == "network"
+            source = iface.find("source")
+            assert source is not None and source.get("network") == "default"
+            mac = iface.find("mac")
+            assert mac is not None
+            macs.add(mac.get("address"))
+            assert guests.load(lctx, name).custom().address == f"{ip}/24"
+        assert len(macs) == 2, f"guests on one libvirt network share a MAC: {macs}"
+        smaller = fleetspec.load(write_spec(tmp_path, {**LIBVIRT_SPEC, "guests": LIBVIRT_SPEC["guests"][1:]}), lctx)
+        kept = reconcile.up(lctx, smaller, wait=False)
+        assert [(a.name, a.action) for a in kept.actions] == [("lv2", "unchanged"), ("lv1", "kept")]
+        assert lctx.hv.exists("lv1")
+        pruned = reconcile.up(lctx, smaller, wait=False, prune=True)
+        assert [(a.name, a.action) for a in pruned.actions] == [("lv2", "unchanged"), ("lv1", "removed")]
+        assert not lctx.hv.exists("lv1") and not (home / "api" / "guests" / "lv1").exists()
+        assert set(reconcile.members(lctx, "lvfleet")) == {"lv2"}
+        reconcile.down(lctx, smaller)
+        assert not lctx.hv.exists("lv2")
+    finally:
+        lctx.close()
 
 
 # -- real guests -----------------------------------------------------------------------------------------
