@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import customize
+from . import customize, recipes
 from .context import Context
 from .errors import ConflictError, NotFoundError, OsimgError, StorageError, ValidationError
 from .host import qemu_img
@@ -233,7 +233,7 @@ def wait_ready(ctx: Context, g: Guest, timeout: float = 120) -> float:
 
 
 def session(ctx: Context, g: Guest, timeout: float = 60) -> Session:
-    return Session(g.ssh_port, g.host_key, ctx.settings.client_key, timeout=timeout)
+    return Session(g.ssh_port, g.host_key, recipes.client_key(ctx.settings), timeout=timeout)
 
 
 def remove(ctx: Context, name: str) -> None:

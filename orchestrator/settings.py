@@ -55,7 +55,15 @@ class Settings:
 
     @property
     def client_key(self) -> Path:
-        """The private key osimg logs into guests with (created by ``recipes.client_key``)."""
+        """The private key osimg logs into guests with (created by ``recipes.client_key``).
+
+        It lives with the guests that trust it, under OSIMG_HOME: changing the build cache must not
+        lock osimg out of existing guests."""
+        return self.home / "keys" / "id_ed25519"
+
+    @property
+    def legacy_client_key(self) -> Path:
+        """Where the client key lived before it moved under OSIMG_HOME (copied from there once)."""
         return self.cache / "keys" / "id_ed25519"
 
     def ensure_dirs(self) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import guests
+from orchestrator import guests, recipes
 from orchestrator.context import Context
-from orchestrator.settings import SOURCE_ROOT
+from orchestrator.settings import SOURCE_ROOT, Settings
 
 RUN_ID = uuid.uuid4().hex[:6]
 # Under the source tree, not pytest's tmp_path: QEMU runs as libvirt-qemu and cannot enter /tmp/pytest-of-root (0700).
@@ -30,6 +30,12 @@ HOME = SOURCE_ROOT / ".cache" / f"test-home-{RUN_ID}"
 def pytest_configure(config: pytest.Config) -> None:
     HOME.mkdir(parents=True, exist_ok=True)
     HOME.chmod(0o755)
+    # the cached guest images trust the machine's osimg client key (it is part of their recipe
+    # hash): the session's fresh home starts with a copy of it, so nothing is rebuilt
+    machine_key = Settings.from_env().client_key
+    if machine_key.exists():
+        recipes.copy_private(machine_key, HOME / "keys" / machine_key.name)
+        recipes.copy_private(machine_key.with_suffix(".pub"), HOME / "keys" / f"{machine_key.stem}.pub")
     os.environ["OSIMG_HOME"] = str(HOME)
 
 
