@@ -84,7 +84,7 @@ def test_examples_are_valid(ctx: Context) -> None:
     assert demo.guest("db1").memory_mib == 384
     prod = fleetspec.load(EXAMPLES / "fleet-libvirt.yaml")  # its catalog image exists on a real host only
     assert prod.networks["prod"].mode == "libvirt" and prod.networks["prod"].libvirt_network == "default"
-    assert prod.uri == "qemu+ssh://root@kvm-host-1.example.test/system"
+    assert prod.uri is None  # remote hosts do not work yet: the example does not pretend they do
 
 
 def _set(path: str, value: Any) -> Any:

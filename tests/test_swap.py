@@ -91,6 +91,10 @@ def test_swap_to_corrupt_image_is_refused_before_touching_the_guest(ctx: Context
     with disk.open("r+b") as f:
         f.seek(1 << 20)
         f.write(b"\xde\xad\xbe\xef" * 1024)
+    verify = osimg("image", "verify", bad)
+    problems = json.loads(osimg("image", "verify", bad, "--json").stdout)["problems"]
+    assert verify.returncode == 6 and problems
+    assert verify.stderr.splitlines() == [f"{bad}: {p}" for p in problems], "one line per problem, unwrapped"
     before = _state(ctx, guest)
     with pytest.raises(SwapError, match="failed verification"):
         swap.plan(ctx, [guest.name], bad, "warm")
