@@ -587,6 +587,27 @@ def test_down_removes_guests_and_files_and_leaves_the_base(ctx: Context, fleet3:
     assert leftovers == []
 
 
+@pytest.mark.guest
+def test_no_wait_returns_at_once_and_a_guest_without_ip_lives_in_the_networks_subnet(
+        ctx: Context, tmp_path: Path) -> None:
+    name = gname("sub")
+    path = write_spec(tmp_path, {"name": gname("subfleet"),
+                                 "networks": {"lan": {"subnet": "10.9.0.0/24", "gateway": "10.9.0.2"}},
+                                 "guests": [{"name": name, "image": "tiny:v1", "memory": "256M"}]})
+    try:
+        res = osimg("fleet", "up", str(path), "--no-wait", "--json")
+        assert res.returncode == 0, res.stderr
+        [row] = json.loads(res.stdout)["guests"]
+        assert row["action"] == "created" and row["ready_seconds"] is None
+        g = guests.load(ctx, name)
+        guests.wait_ready(ctx, g)  # SSH through the 127.0.0.1 forward: slirp aims it at the guest's address
+        out = sh(ctx, name, "ifconfig eth0; route -n")
+        assert "10.9.0.15" in out and "10.9.0.2" in out, out
+        assert "10.0.2." not in out
+    finally:
+        osimg("fleet", "down", str(path))
+
+
 # -- the same customization through real cloud-init ------------------------------------------------------
 @pytest.mark.guest
 def test_debian_cloud_init_applies_the_same_drive(ctx: Context, tmp_path: Path) -> None:

@@ -296,7 +296,7 @@ def test_warm_swap_says_kernel_params_wait_for_the_next_boot(ctx: Context, golde
         assert res.returncode == 0, res.stderr
         [out] = json.loads(res.stdout)
         assert out["ok"] and "kernel_params osimg.kp=1 take effect at next boot" in out["note"]
-        with guests.session(ctx, g) as s:  # the note is true: the paged-in kernel runs without them
+        with guests.session(ctx, guests.load(ctx, g.name)) as s:  # true: the paged-in kernel runs without them
             assert "osimg.kp=1" not in s.run(["cat", "/proc/cmdline"], check=True).out
         assert "osimg.kp=1" in ctx.hv.xml(g.name, inactive=True)  # the next boot has them
     finally:
