@@ -1,4 +1,4 @@
-"""The README lists every command, flag, environment variable and module that exists.
+"""The README lists every command, flag, environment variable, event type and module that exists.
 
 ``python -m tests.test_readme`` prints what is missing, one item a line.
 """
@@ -19,6 +19,10 @@ ENV_SOURCES = [*(SOURCE_ROOT / "orchestrator").rglob("*.py"), *(SOURCE_ROOT / "s
 ENV_RE = re.compile(r"""environ\.get\(\s*["']([A-Z][A-Z0-9_]+)["']|environ\[["']([A-Z][A-Z0-9_]+)["']\]"""
                     r"""|\$\{([A-Z][A-Z0-9_]+):-""")
 NOT_OURS = {"HOME", "PATH", "CI"}  # read, not defined by osimg (CI is the CI system's own flag)
+# event types: the constants of cluster/events.py and the literal types modules publish
+EVENTS_PY = SOURCE_ROOT / "orchestrator" / "cluster" / "events.py"
+EVENT_CONST_RE = re.compile(r'^[A-Z_]+ = "([a-z-]+)"$', re.M)
+EVENT_USE_RE = re.compile(r'publish\(ctx, (?:LIFECYCLE|ALERT), "([a-z-]+)"|Event\(kind="[a-z]+", type="([a-z-]+)"')
 
 
 def leaves(p: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], list[str]]]:
@@ -58,6 +62,10 @@ def missing() -> list[str]:
             var = next(g for g in m.groups() if g)
             if var not in NOT_OURS and f"`{var}`" not in config:
                 out.append(f"variable: {var} (read in {src.relative_to(SOURCE_ROOT)})")
+    events = {m.group(1) for m in EVENT_CONST_RE.finditer(EVENTS_PY.read_text())} - {"lifecycle", "alert"}
+    for src in (SOURCE_ROOT / "orchestrator").rglob("*.py"):
+        events |= {next(g for g in m.groups() if g) for m in EVENT_USE_RE.finditer(src.read_text())}
+    out += [f"event: {e}" for e in events if not re.search(rf"(?<![\w-]){e}(?![\w-])", text)]
     layout = section(text, "Layout")
     for mod in sorted((SOURCE_ROOT / "orchestrator").rglob("*.py")):
         if mod.name != "__init__.py" and not re.search(rf"\b{re.escape(mod.stem)}\b", layout):
