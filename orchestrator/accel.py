@@ -29,9 +29,9 @@ class AccelChoice:
         return "KVM" if self.accel == "kvm" else "TCG (software emulation)"
 
 
-def _probe_key(hv: Hypervisor) -> str:
+def _probe_key(hv: Hypervisor, device: str) -> str:
     v = hv.versions()
-    return f"{v['libvirt']}|{v['hypervisor']}|{recipes.kernel_release()}|{os.path.exists('/dev/kvm')}"
+    return f"{v['libvirt']}|{v['hypervisor']}|{recipes.kernel_release()}|{device}|{os.path.exists(device)}"
 
 
 def choose_accel(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> AccelChoice:
@@ -39,7 +39,7 @@ def choose_accel(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> A
     if settings.accel:
         accel = "kvm" if settings.accel == "kvm" else "qemu"
         return AccelChoice(accel, f"forced by OSIMG_ACCEL={settings.accel}", time.time(), "forced")
-    key = _probe_key(hv)
+    key = _probe_key(hv, settings.kvm_device)
     cache = settings.home / "accel.json"
     if not reprobe and cache.exists():
         try:
@@ -50,7 +50,7 @@ def choose_accel(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> A
             pass
     settings.ensure_dirs()
     kernel, initrd = recipes.probe_boot_files(settings)
-    ok, why = hv.probe_kvm(str(kernel), str(initrd), settings.home)
+    ok, why = hv.probe_kvm(str(kernel), str(initrd), settings.home, device=settings.kvm_device)
     choice = AccelChoice("kvm" if ok else "qemu", why if ok else f"KVM unusable: {why}; falling back to TCG",
                          time.time(), key)
     cache.write_text(json.dumps(asdict(choice)))

@@ -21,7 +21,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import customize
+from . import customize, recipes
 from .context import Context
 from .errors import ConflictError, NotFoundError, OsimgError, StorageError, ValidationError
 from .host import qemu_img
@@ -246,6 +246,9 @@ def write_customization(ctx: Context, g: Guest) -> None:
     customize.write_config_drive(g.config_drive(ctx), customize.render(g.name, c, g.uuid, g.own_key(ctx)))
 
 
+USER_MODE_MAC = "52:54:00:12:34:56"
+
+
 def create(
     ctx: Context,
     name: str,
@@ -287,11 +290,15 @@ def create(
         raise StorageError(f"image {image!r}: {img.disk} is writable; images must be immutable (mode 0444)")
     accel = ctx.accel.accel
     ctx.settings.ensure_dirs()
+    guest_uuid = uuidlib.uuid4()
     g = Guest(
         name=name, image=image, base=str(img.disk), kernel=str(img.kernel), initrd=str(img.initrd),
         cmdline=img.cmdline, host_key=img.host_key, os_version=img.os_version, family=img.family,
-        memory_mib=memory_mib or img.memory_mib, vcpus=vcpus, accel=accel, uuid=str(uuidlib.uuid4()),
-        mac="52:54:00:12:34:56", ssh_port=free_port(), app_port=free_port(), guest_app_port=img.app_port,
+        memory_mib=memory_mib or img.memory_mib, vcpus=vcpus, accel=accel, uuid=str(guest_uuid),
+        # user mode: every guest has its own slirp and keeps the MAC its image was captured with (a
+        # warm swap restores that device state); guests sharing a libvirt network need their own
+        mac=USER_MODE_MAC if network is None else "52:54:00:" + ":".join(f"{b:02x}" for b in guest_uuid.bytes[:3]),
+        ssh_port=free_port(), app_port=free_port(), guest_app_port=img.app_port,
         ready_marker=img.ready_marker, data_size=data_size,
         data_uuid=str(uuidlib.uuid4()) if data_size else None, hidden=hidden, network=network,
         customization=custom.to_dict(),
@@ -336,7 +343,7 @@ def wait_ready(ctx: Context, g: Guest, timeout: float = 120) -> float:
 
 
 def session(ctx: Context, g: Guest, timeout: float = 60) -> Session:
-    return Session(g.ssh_port, g.host_key, ctx.settings.client_key, timeout=timeout)
+    return Session(g.ssh_port, g.host_key, recipes.existing_client_key(ctx.settings), timeout=timeout)
 
 
 def remove(ctx: Context, name: str) -> None:

@@ -12,6 +12,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -48,8 +49,33 @@ class Build:
 
 
 def client_key(settings: Settings) -> Path:
-    ssh.ensure_client_key(settings.client_key)
-    return settings.client_key
+    """The client key under OSIMG_HOME, made if there is none (for building images that trust it)."""
+    key = existing_client_key(settings)
+    ssh.ensure_client_key(key)
+    return key
+
+
+def existing_client_key(settings: Settings) -> Path:
+    """The client key for logging into guests; a key an older osimg kept in the cache is copied there
+    once, so guests and cached images that trust it stay reachable. Never made here: a new key would
+    be trusted by no guest, so a missing one must be reported, not replaced."""
+    key, old = settings.client_key, settings.legacy_client_key
+    if not key.exists() and old.exists():
+        copy_private(old, key)
+        copy_private(old.with_suffix(".pub"), key.with_suffix(".pub"))
+    return key
+
+
+def copy_private(src: Path, dst: Path) -> None:
+    """Copy a file created 0600 from its first byte (os.open with the mode), then renamed into place."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.parent.chmod(0o700)
+    tmp = dst.with_suffix(dst.suffix + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(src.read_bytes())
+    tmp.rename(dst)
 
 
 def kernel_release() -> str:

@@ -8,6 +8,7 @@
               with TLS and a client certificate, see ``cluster.open``)
 ``OSIMG_ETCD_PKI`` folder of ``ca.crt``, ``client.crt``, ``client.key`` for etcds:// (default $OSIMG_CACHE/etcd/pki)
 ``OSIMG_LU_ROOTS`` folders (``:``-separated) whose files may be LUs, besides OSIMG_HOME and the cache
+``OSIMG_KVM_DEVICE`` the KVM device the probe checks (default /dev/kvm; a missing path forces the TCG fallback)
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class Settings:
     accel: str | None
     store_url: str
     extra_lu_roots: tuple[Path, ...] = ()
+    kvm_device: str = "/dev/kvm"
 
     @classmethod
     def from_env(cls, home: str | None = None, uri: str | None = None, store: str | None = None) -> Settings:
@@ -170,6 +172,7 @@ class Settings:
             accel=accel,
             store_url=store or os.environ.get("OSIMG_STORE") or f"sqlite://{h / 'cluster.sqlite'}",
             extra_lu_roots=tuple(Path(p).resolve() for p in os.environ.get("OSIMG_LU_ROOTS", "").split(":") if p),
+            kvm_device=os.environ.get("OSIMG_KVM_DEVICE") or "/dev/kvm",
         )
 
     @property
@@ -192,7 +195,15 @@ class Settings:
 
     @property
     def client_key(self) -> Path:
-        """The private key osimg logs into guests with (created by ``recipes.client_key``)."""
+        """The private key osimg logs into guests with (created by ``recipes.client_key``).
+
+        It lives with the guests that trust it, under OSIMG_HOME: changing the build cache must not
+        lock osimg out of existing guests."""
+        return self.home / "keys" / "id_ed25519"
+
+    @property
+    def legacy_client_key(self) -> Path:
+        """Where the client key lived before it moved under OSIMG_HOME (copied from there once)."""
         return self.cache / "keys" / "id_ed25519"
 
     def ensure_dirs(self) -> None:

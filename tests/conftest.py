@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import guests
+from orchestrator import guests, recipes
 from orchestrator.context import Context
-from orchestrator.settings import SOURCE_ROOT
+from orchestrator.settings import SOURCE_ROOT, Settings
 
 RUN_ID = uuid.uuid4().hex[:6]
 # Under the source tree, not pytest's tmp_path: QEMU runs as libvirt-qemu and cannot enter /tmp/pytest-of-root (0700).
@@ -30,12 +30,44 @@ HOME = SOURCE_ROOT / ".cache" / f"test-home-{RUN_ID}"
 def pytest_configure(config: pytest.Config) -> None:
     HOME.mkdir(parents=True, exist_ok=True)
     HOME.chmod(0o755)
+    # the cached guest images trust the machine's osimg client key (it is part of their recipe
+    # hash): the session's fresh home starts with a copy of it, so nothing is rebuilt
+    machine_key = Settings.from_env().client_key
+    if machine_key.exists():
+        recipes.copy_private(machine_key, HOME / "keys" / machine_key.name)
+        recipes.copy_private(machine_key.with_suffix(".pub"), HOME / "keys" / f"{machine_key.stem}.pub")
     os.environ["OSIMG_HOME"] = str(HOME)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that need no QEMU first: they take seconds and catch a broken module before any guest boots."""
     items.sort(key=lambda item: item.get_closest_marker("guest") is not None)
+
+
+# Skips CI may show: the host differs in a way the test cannot change (README "Tests in CI"). Any other
+# skip (etcd or busybox missing, libvirt's test driver absent) means the set-up is broken: under
+# CI=true or OSIMG_STRICT_SKIPS=1 it fails the test instead of passing silently.
+ALLOWED_SKIPS = (
+    "chroot and mknod need root",
+)
+
+
+def strict_skips() -> bool:
+    return os.environ.get("OSIMG_STRICT_SKIPS") == "1" or os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail") or not strict_skips():
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not any(allowed in reason for allowed in ALLOWED_SKIPS):
+        report.outcome = "failed"
+        report.longrepr = (f"unexpected skip under CI/OSIMG_STRICT_SKIPS (not in conftest.ALLOWED_SKIPS): {reason}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

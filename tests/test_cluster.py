@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import swap
 from orchestrator.cluster import (
     ALERT,
     EXCLUSIVE,
@@ -25,7 +26,9 @@ from orchestrator.cluster import (
     Subscription,
     open_store,
 )
+from orchestrator.context import Context
 from orchestrator.errors import ClusterError, ConflictError, LeaseLostError, NotFoundError, ValidationError
+from orchestrator.swap import journal
 
 # The fixtures (a real etcd per session, a store per backend) live next to this file, not in conftest.py.
 pytest_plugins = ["tests.cluster_fixtures"]
@@ -415,3 +418,38 @@ def test_open_store_urls(tmp_path: Path) -> None:
     for bad in ["", "sqlite://", "mysql://db/x", "etcd://127.0.0.1", "etcd://127.0.0.1:2379/../x"]:
         with pytest.raises(ValidationError):
             open_store(bad)
+
+
+# -- the swap journal and lock on each backend -----------------------------------------------------------
+
+
+def test_swap_journal_and_lock_on_each_backend(store_url: str, tmp_path: Path) -> None:
+    """What swap.swap_guest and swap.resume rely on, on SQLite and on etcd: merged journal steps,
+    one lock per guest across processes, and resume dropping the entry of a guest that is gone."""
+    ctx = Context.from_env(home=str(tmp_path / "home"), store=store_url)
+    try:
+        with ctx.store.lock(journal.lock_name("g1"), "swapper-a", journal.LOCK_TTL) as lease:
+            journal.begin(ctx, lease, "g1", strategy="warm", old={"a": 1})
+            journal.write(ctx, lease, "g1", step="paged-out")
+            rec = journal.get(ctx, "g1")
+            assert rec is not None and rec["step"] == "paged-out" and rec["old"] == {"a": 1} and rec["updated"] > 0
+            assert [r["guest"] for r in journal.entries(ctx)] == ["g1"]
+            with PROCESSES.Pool(1) as pool:
+                other = pool.apply(_try_swap_lock, (store_url, "g1"))
+            assert other == "lock swap-g1 is held by swapper-a"
+        with PROCESSES.Pool(1) as pool:
+            assert pool.apply(_try_swap_lock, (store_url, "g1")) == "acquired"
+        # the guest's folder does not exist: resume drops its journal entry and reports nothing
+        assert swap.resume(ctx) == [] and journal.entries(ctx) == []
+    finally:
+        ctx.close()
+
+
+def _try_swap_lock(url: str, guest: str) -> str:
+    with open_store(url) as own:
+        try:
+            own.acquire_lock(journal.lock_name(guest), "swapper-b", ttl=2)
+        except ConflictError as err:
+            return str(err)
+        own.release_lock(journal.lock_name(guest), "swapper-b")
+        return "acquired"

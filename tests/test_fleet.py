@@ -9,7 +9,11 @@ its 127.0.0.1 forward: the host never sends traffic to a private-range address.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -26,7 +30,7 @@ from orchestrator.fleet import reconcile
 from orchestrator.fleet import spec as fleetspec
 from orchestrator.host import qemu_img, ssh
 from orchestrator.images import catalog, lifecycle
-from orchestrator.settings import RECIPES_DIR, SOURCE_ROOT
+from orchestrator.settings import SOURCE_ROOT
 
 from .conftest import HOME, gname, osimg
 
@@ -80,7 +84,7 @@ def test_examples_are_valid(ctx: Context) -> None:
     assert demo.guest("db1").memory_mib == 384
     prod = fleetspec.load(EXAMPLES / "fleet-libvirt.yaml")  # its catalog image exists on a real host only
     assert prod.networks["prod"].mode == "libvirt" and prod.networks["prod"].libvirt_network == "default"
-    assert prod.uri == "qemu+ssh://root@kvm-host-1.example.test/system"
+    assert prod.uri is None  # remote hosts do not work yet: the example does not pretend they do
 
 
 def _set(path: str, value: Any) -> Any:
@@ -228,6 +232,77 @@ def test_resize_rejects_unknown_guest_and_disk(ctx: Context) -> None:
     assert res.returncode == 3 and "no guest named" in res.stderr
     res = osimg("guest", "resize", gname("ghost"), "--disk", "swap", "--size", "1G")
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_guests_without_ip_get_an_address_in_their_networks_subnet(tmp_path: Path) -> None:
+    spec = {"networks": {"lan": {"subnet": "10.9.0.0/24", "gateway": "10.9.0.2"}},
+            "guests": [{"name": "a", "image": "tiny:v1"}, {"name": "b", "image": "tiny:v1", "ip": "10.9.0.15"},
+                       {"name": "c", "image": "tiny:v1"}]}
+    a, b, c = fleetspec.load(write_spec(tmp_path, spec)).guests
+    assert (a.custom.address, a.custom.gateway) == ("10.9.0.16/24", "10.9.0.2")
+    assert b.custom.address == "10.9.0.15/24" and c.custom.address == "10.9.0.17/24"
+    assert a.custom.user_mode_net() == "10.9.0.0/24,dhcpstart=10.9.0.16"
+    # on the default user-mode subnet the image's own address (10.0.2.15) still applies
+    plain = fleetspec.load(write_spec(tmp_path, {"guests": [{"name": "a", "image": "tiny:v1"}]})).guests[0]
+    assert plain.custom.address is None and plain.custom.user_mode_net() == "10.0.2.0/24"
+
+
+LIBVIRT_SPEC = {
+    "name": "lvfleet",
+    "networks": {"prod": {"mode": "libvirt", "subnet": "192.168.122.0/24", "gateway": "192.168.122.1",
+                          "network": "default"}},
+    "defaults": {"image": "tiny:v1", "memory": "128M"},
+    "guests": [{"name": "lv1"}, {"name": "lv2", "ip": "192.168.122.15"}],
+}
+
+
+def test_libvirt_network_fleet_no_wait_and_prune_on_the_test_driver(tmp_path: Path) -> None:
+    """libvirt's test:///default driver has a 'default' network: the domains a libvirt-mode fleet
+    defines are checked there without QEMU and without touching the host's networking."""
+    home = tmp_path / "home"
+    env = {**os.environ, "OSIMG_HOME": str(home), "OSIMG_ACCEL": "tcg"}
+    path = write_spec(tmp_path, LIBVIRT_SPEC)
+    exe = Path(sys.executable).parent / "osimg"
+    # test-driver domains never print the ready marker: without --no-wait this would wait for the timeout
+    res = subprocess.run([str(exe), "--uri", "test:///default", "fleet", "up", str(path), "--no-wait", "--json",
+                          "--timeout", "600"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [(g["name"], g["action"], g["ready_seconds"]) for g in out["guests"]] == [
+        ("lv1", "created", None), ("lv2", "created", None)]
+    # the libvirt test driver forgets its domains with the process: the rest runs in this one
+    os.environ["OSIMG_ACCEL"] = "tcg"
+    try:
+        lctx = Context.from_env(home=str(home / "api"), uri="test:///default")
+    finally:
+        del os.environ["OSIMG_ACCEL"]
+    try:
+        spec = fleetspec.load(path, lctx)
+        reconcile.up(lctx, spec, wait=False)
+        macs = set()
+        for name, ip in (("lv1", "192.168.122.16"), ("lv2", "192.168.122.15")):
+            dom = ET.fromstring(lctx.hv.xml(name))
+            iface = dom.find("devices/interface")
+            assert iface is not None and iface.get("type") == "network"
+            source = iface.find("source")
+            assert source is not None and source.get("network") == "default"
+            mac = iface.find("mac")
+            assert mac is not None
+            macs.add(mac.get("address"))
+            assert guests.load(lctx, name).custom().address == f"{ip}/24"
+        assert len(macs) == 2, f"guests on one libvirt network share a MAC: {macs}"
+        smaller = fleetspec.load(write_spec(tmp_path, {**LIBVIRT_SPEC, "guests": LIBVIRT_SPEC["guests"][1:]}), lctx)
+        kept = reconcile.up(lctx, smaller, wait=False)
+        assert [(a.name, a.action) for a in kept.actions] == [("lv2", "unchanged"), ("lv1", "kept")]
+        assert lctx.hv.exists("lv1")
+        pruned = reconcile.up(lctx, smaller, wait=False, prune=True)
+        assert [(a.name, a.action) for a in pruned.actions] == [("lv2", "unchanged"), ("lv1", "removed")]
+        assert not lctx.hv.exists("lv1") and not (home / "api" / "guests" / "lv1").exists()
+        assert set(reconcile.members(lctx, "lvfleet")) == {"lv2"}
+        reconcile.down(lctx, smaller)
+        assert not lctx.hv.exists("lv2")
+    finally:
+        lctx.close()
 
 
 # -- real guests -----------------------------------------------------------------------------------------
@@ -512,11 +587,30 @@ def test_down_removes_guests_and_files_and_leaves_the_base(ctx: Context, fleet3:
     assert leftovers == []
 
 
+@pytest.mark.guest
+def test_no_wait_returns_at_once_and_a_guest_without_ip_lives_in_the_networks_subnet(
+        ctx: Context, tmp_path: Path) -> None:
+    name = gname("sub")
+    path = write_spec(tmp_path, {"name": gname("subfleet"),
+                                 "networks": {"lan": {"subnet": "10.9.0.0/24", "gateway": "10.9.0.2"}},
+                                 "guests": [{"name": name, "image": "tiny:v1", "memory": "256M"}]})
+    try:
+        res = osimg("fleet", "up", str(path), "--no-wait", "--json")
+        assert res.returncode == 0, res.stderr
+        [row] = json.loads(res.stdout)["guests"]
+        assert row["action"] == "created" and row["ready_seconds"] is None
+        g = guests.load(ctx, name)
+        guests.wait_ready(ctx, g)  # SSH through the 127.0.0.1 forward: slirp aims it at the guest's address
+        out = sh(ctx, name, "ifconfig eth0; route -n")
+        assert "10.9.0.15" in out and "10.9.0.2" in out, out
+        assert "10.0.2." not in out
+    finally:
+        osimg("fleet", "down", str(path))
+
+
 # -- the same customization through real cloud-init ------------------------------------------------------
 @pytest.mark.guest
 def test_debian_cloud_init_applies_the_same_drive(ctx: Context, tmp_path: Path) -> None:
-    if not (RECIPES_DIR / "debian" / "build.sh").exists():
-        pytest.skip("images/debian/build.sh does not exist yet (the debian recipe is being written)")
     t0 = time.monotonic()
     recipes.ensure_built(ctx.settings, "debian:v1")
     print(f"\n[measure] debian:v1 image ready in {time.monotonic() - t0:.1f}s")

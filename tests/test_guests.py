@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,6 +68,44 @@ def test_doctor_reports_the_accelerator_in_use(ctx: Context, v1_guest: guests.Gu
     print(f"\n[measure] accelerator: {rep['accel']['label']} ({rep['accel']['reason']})")
 
 
+def _doctor(home: Path, *args: str, **env: str) -> dict[str, Any]:
+    exe = Path(sys.executable).parent / "osimg"
+    proc = subprocess.run([str(exe), "doctor", "--json", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OSIMG_HOME": str(home), **env}, check=False)
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+def test_kvm_probe_and_tcg_fallback_run_for_real() -> None:
+    """OSIMG_ACCEL skips the probe; --reprobe boots the probe domain again; a missing KVM device falls back."""
+    home = HOME / "doctor-home"  # its own accel.json: the session's cached verdict stays untouched
+    forced = _doctor(home, OSIMG_ACCEL="tcg")["accel"]
+    assert forced["accel"] == "qemu" and forced["reason"] == "forced by OSIMG_ACCEL=tcg"
+    assert not (home / "accel.json").exists(), "a forced accelerator must not probe or cache"
+    nokvm = _doctor(home, "--reprobe", OSIMG_KVM_DEVICE="/nonexistent/kvm")["accel"]
+    assert nokvm["accel"] == "qemu", nokvm
+    assert "/nonexistent/kvm does not exist" in nokvm["reason"] and "falling back to TCG" in nokvm["reason"]
+    cached = json.loads((home / "accel.json").read_text())
+    assert cached["accel"] == "qemu" and "/nonexistent/kvm|False" in cached["key"]
+    # without --reprobe the verdict comes from the cache; with it the probe runs again
+    assert _doctor(home, OSIMG_KVM_DEVICE="/nonexistent/kvm")["accel"] == nokvm
+    assert json.loads((home / "accel.json").read_text())["probed_at"] == cached["probed_at"]
+    t1 = time.time()
+    _doctor(home, "--reprobe", OSIMG_KVM_DEVICE="/nonexistent/kvm")
+    assert json.loads((home / "accel.json").read_text())["probed_at"] >= t1
+    # the real device: the probe boots a throw-away KVM domain (up to 10 s) whatever the cache says
+    t0 = time.time()
+    real = _doctor(home, "--reprobe")["accel"]
+    cached = json.loads((home / "accel.json").read_text())
+    assert cached["probed_at"] >= t0 and "/dev/kvm|" in cached["key"]
+    if real["accel"] == "kvm":
+        assert "reached userspace" in real["reason"]
+    else:
+        assert "KVM unusable" in real["reason"] and "falling back to TCG" in real["reason"], real
+    print(f"\n[measure] real KVM probe: {real['label']} ({real['reason']})")
+
+
 @pytest.mark.parametrize("bad", ["../x", "a/b", "", "x" * 200, "has space", "-lead"])
 def test_invalid_names_are_refused_and_nothing_is_created(ctx: Context, bad: str) -> None:
     before = set((HOME / "guests").iterdir()) if (HOME / "guests").exists() else set()
@@ -79,18 +122,35 @@ def test_invalid_names_are_refused_and_nothing_is_created(ctx: Context, bad: str
 def test_unknown_image_is_refused(ctx: Context, image: str) -> None:
     name = gname("noimg")
     res = osimg("guest", "create", name, "--image", image)
-    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.returncode == NotFoundError.exit_code and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert image.split(":")[0] in res.stderr
     assert not (HOME / "guests" / name).exists() and not ctx.hv.exists(name)
 
 
 def test_duplicate_name_is_refused(ctx: Context, v1_guest: guests.Guest) -> None:
-    overlay = v1_guest.overlay(ctx)
-    before = overlay.stat().st_mtime_ns
+    # the running guest writes its overlay, data volume and console log, so their mtimes move on their
+    # own: those keep their inode (not replaced); every other file (guest.json, cidata.iso) is unchanged
+    gdir = v1_guest.dir(ctx)
+    files_before = _tree(gdir)
+    xml_before = ctx.hv.xml(v1_guest.name)
     with pytest.raises(ConflictError, match="already exists"):
         guests.create(ctx, v1_guest.name, "tiny:v1")
+    res = osimg("guest", "create", v1_guest.name, "--image", "tiny:v1")
+    assert res.returncode == ConflictError.exit_code and "already exists" in res.stderr
     assert ctx.hv.state(v1_guest.name) == "running"
-    assert overlay.stat().st_mtime_ns >= before
+    assert _tree(gdir) == files_before
+    assert ctx.hv.xml(v1_guest.name) == xml_before
+
+
+LIVE_FILES = {"os.qcow2", "data.qcow2", "console.log"}  # written by the running guest and its QEMU
+
+
+def _tree(root: Path) -> dict[str, tuple[int, ...]]:
+    """Every file under a guest's folder: (inode,) for files a running guest writes, else (inode, size, mtime_ns)."""
+    return {str(p.relative_to(root)): (p.stat().st_ino,) if p.name in LIVE_FILES else
+            (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_unreachable_libvirtd_gives_clear_error(tmp_path: object) -> None:

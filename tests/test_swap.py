@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,8 @@ import pytest
 
 from orchestrator import guests, swap
 from orchestrator.context import Context
-from orchestrator.errors import SwapError
+from orchestrator.customize import Customization
+from orchestrator.errors import NotFoundError, SwapError
 from orchestrator.images import catalog, lifecycle
 
 from .conftest import HOME, RUN_ID, gname, osimg
@@ -35,8 +38,8 @@ def golden(ctx: Context) -> Iterator[None]:
     yield
 
 
-def _guest(ctx: Context, label: str) -> guests.Guest:
-    g = guests.create(ctx, gname(label), V1, data_size=64 << 20)
+def _guest(ctx: Context, label: str, custom: Customization | None = None) -> guests.Guest:
+    g = guests.create(ctx, gname(label), V1, custom=custom, data_size=64 << 20)
     guests.wait_ready(ctx, g)
     assert guests.wait_app(g.app_port, 30) is not None, "demo app did not start on v1"
     with guests.session(ctx, g) as s:
@@ -88,14 +91,16 @@ def test_swap_to_corrupt_image_is_refused_before_touching_the_guest(ctx: Context
     with disk.open("r+b") as f:
         f.seek(1 << 20)
         f.write(b"\xde\xad\xbe\xef" * 1024)
-    uuid_before = ctx.hv.info(guest.name).uuid
-    overlay_before = guest.overlay(ctx).stat().st_mtime_ns
+    verify = osimg("image", "verify", bad)
+    problems = json.loads(osimg("image", "verify", bad, "--json").stdout)["problems"]
+    assert verify.returncode == 6 and problems
+    assert verify.stderr.splitlines() == [f"{bad}: {p}" for p in problems], "one line per problem, unwrapped"
+    before = _state(ctx, guest)
     with pytest.raises(SwapError, match="failed verification"):
         swap.plan(ctx, [guest.name], bad, "warm")
     res = osimg("swap", guest.name, "--to", bad)
     assert res.returncode == SwapError.exit_code and "failed verification" in res.stderr
-    assert ctx.hv.state(guest.name) == "running" and ctx.hv.info(guest.name).uuid == uuid_before
-    assert guest.overlay(ctx).stat().st_mtime_ns >= overlay_before
+    assert _state(ctx, guest) == before
     assert _inside(ctx, guest.name)[0] == "v1"
 
 
@@ -160,8 +165,139 @@ def test_killed_orchestrator_then_resume_leaves_guest_whole(ctx: Context, guest:
     assert swap.journal.entries(ctx) == []
 
 
-def test_dry_run_changes_nothing(ctx: Context, golden: None) -> None:
+LIVE_FILES = {"data.qcow2", "console.log"}  # with the current overlay: written by the running guest and QEMU
+
+
+def _state(ctx: Context, g: guests.Guest) -> dict[str, object]:
+    """What a swap would change: domain XML, every file of the guest and the repository, every store row."""
+    live = LIVE_FILES | {guests.load(ctx, g.name).overlay_file}
+
+    def tree(root: Path) -> dict[str, tuple[int, ...]]:
+        return {str(p.relative_to(root)): (p.stat().st_ino,) if p.name in live else
+                (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    url = ctx.settings.store_url
+    if url.startswith("sqlite://"):
+        with sqlite3.connect(f"file:{url.removeprefix('sqlite://')}?mode=ro", uri=True) as db:
+            rows: list[object] = list(db.iterdump())
+    else:
+        rows = [ctx.store.items(kind) for kind in (swap.journal.KIND, catalog.KIND)]
+    return {"xml": ctx.hv.xml(g.name), "state": ctx.hv.state(g.name), "guest": tree(g.dir(ctx)),
+            "images": tree(HOME / "images"), "store": rows,
+            "domains": sorted(d.name for d in ctx.hv.list_domains())}
+
+
+def test_dry_run_changes_nothing(ctx: Context, guest: guests.Guest) -> None:
+    before = _state(ctx, guest)
+    res = osimg("swap", guest.name, "--to", V2, "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    shown = json.loads(res.stdout)
+    assert shown["guests"] == [guest.name] and shown["to_image"] == V2 and shown["strategy"] == "warm"
+    text = osimg("swap", guest.name, "--to", V2, "--strategy", "cold", "--dry-run")
+    assert text.returncode == 0 and f"swap 1 guest(s) to {V2} (cold)" in text.stdout, text.stderr
+    assert _state(ctx, guest) == before
+    assert _inside(ctx, guest.name)[0] == "v1"
     res = osimg("swap", "nosuch-guest", "--to", V2, "--dry-run")
-    assert res.returncode == 3 and "no guest named" in res.stderr
-    res = osimg("swap", "--to", "nosuch-image", "x")
-    assert res.returncode == 3
+    assert res.returncode == NotFoundError.exit_code and "no guest named" in res.stderr
+    res = osimg("swap", guest.name, "--to", "nosuch-image", "--dry-run")
+    assert res.returncode == NotFoundError.exit_code and "nosuch-image" in res.stderr
+
+
+def test_failed_cold_swap_rolls_back_with_data(ctx: Context, guest: guests.Guest) -> None:
+    marker = _marker(ctx, guest)
+    old_overlay = guest.overlay(ctx)
+    inode = old_overlay.stat().st_ino
+    before = guests.app_counter(guest.app_port)
+    assert before is not None
+    res = swap.swap_guest(ctx, guest.name, BAD, "cold", health_timeout=45)
+    assert not res.ok and res.rolled_back, res
+    assert "cold swap failed" in (res.error or "") and "application" in (res.error or "")
+    assert _inside(ctx, guest.name) == ("v1", marker)
+    g = guests.load(ctx, guest.name)
+    assert g.image == V1 and g.overlay(ctx) == old_overlay and old_overlay.stat().st_ino == inode
+    assert [p.name for p in g.dir(ctx).glob("os*.qcow2")] == [g.overlay_file], "the failed overlay was left behind"
+    assert str(old_overlay) in ctx.hv.xml(g.name) and g.kernel in ctx.hv.xml(g.name)
+    assert guests.wait_app(g.app_port, 30) is not None
+    after = guests.app_counter(g.app_port)
+    assert after is not None and after >= before
+    assert swap.journal.entries(ctx) == []
+
+
+def test_second_swap_of_one_guest_is_refused(ctx: Context, guest: guests.Guest) -> None:
+    marker = _marker(ctx, guest)
+    first: list[swap.SwapResult] = []
+    runner = threading.Thread(target=lambda: first.extend(swap.rollout(ctx, swap.plan(ctx, [guest.name], V2))))
+    runner.start()
+    other = Context.from_env(home=str(HOME))
+    try:
+        deadline = time.monotonic() + 60
+        while swap.journal.get(other, guest.name) is None and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runner.is_alive(), "the first swap ended before a second could be tried"
+        # another process: the per-guest lock refuses it (another holder)
+        cli = osimg("swap", guest.name, "--to", V2, "--json")
+        assert runner.is_alive(), "the first swap ended before the second process asked"
+        # this process holds the lock already: the journal entry of the running swap refuses it
+        second = swap.swap_guest(other, guest.name, V2)
+    finally:
+        runner.join()
+        other.close()
+    assert cli.returncode == SwapError.exit_code, cli.stderr
+    [refused] = json.loads(cli.stdout)
+    assert not refused["ok"] and f"lock swap-{guest.name} is held by" in refused["error"], refused
+    assert not second.ok and not second.rolled_back
+    assert "has an unfinished swap" in (second.error or ""), second
+    assert [r.ok for r in first] == [True], first
+    assert _inside(ctx, guest.name) == ("v2", marker)
+    # a journal entry nobody holds a lock for (an orchestrator killed mid-swap) blocks new swaps
+    swap.journal.write(ctx, guest.name, guest=guest.name, step="prepared")
+    try:
+        res = osimg("swap", guest.name, "--to", V1, "--json")
+        assert res.returncode == SwapError.exit_code, res.stderr
+        [out] = json.loads(res.stdout)
+        assert not out["ok"] and "has an unfinished swap; run 'osimg swap --resume' first" in out["error"]
+        assert _inside(ctx, guest.name) == ("v2", marker)
+    finally:
+        swap.journal.drop(ctx, guest.name)
+
+
+def test_batch_of_two_swaps_in_parallel(ctx: Context, guest: guests.Guest) -> None:
+    second = _guest(ctx, "par")
+    seen: dict[str, list[float]] = {}
+    lock = threading.Lock()
+
+    def progress(msg: str) -> None:
+        name = msg.split(":")[0]
+        with lock:
+            seen.setdefault(name, []).append(time.monotonic())
+
+    try:
+        p = swap.plan(ctx, [guest.name, second.name], V2, "warm", batch=2)
+        assert p.batches == [[guest.name, second.name]]
+        results = swap.rollout(ctx, p, progress=progress)
+        assert [r.ok for r in results] == [True, True], results
+        spans = [(min(seen[g.name]), max(seen[g.name])) for g in (guest, second)]
+        (a0, a1), (b0, b1) = spans
+        assert a0 < b1 and b0 < a1, f"the two swaps did not overlap: {spans}"
+        for g in (guest, second):
+            assert _inside(ctx, g.name)[0] == "v2"
+        assert swap.journal.entries(ctx) == []
+    finally:
+        guests.remove(ctx, second.name)
+
+
+def test_warm_swap_says_kernel_params_wait_for_the_next_boot(ctx: Context, golden: None) -> None:
+    g = _guest(ctx, "kparams", Customization(kernel_params=["osimg.kp=1"]))
+    try:
+        with guests.session(ctx, g) as s:
+            assert "osimg.kp=1" in s.run(["cat", "/proc/cmdline"], check=True).out
+        res = osimg("swap", g.name, "--to", V2, "--json")
+        assert res.returncode == 0, res.stderr
+        [out] = json.loads(res.stdout)
+        assert out["ok"] and "kernel_params osimg.kp=1 take effect at next boot" in out["note"]
+        with guests.session(ctx, guests.load(ctx, g.name)) as s:  # true: the paged-in kernel runs without them
+            assert "osimg.kp=1" not in s.run(["cat", "/proc/cmdline"], check=True).out
+        assert "osimg.kp=1" in ctx.hv.xml(g.name, inactive=True)  # the next boot has them
+    finally:
+        guests.remove(ctx, g.name)

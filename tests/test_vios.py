@@ -21,7 +21,7 @@ import pytest
 from orchestrator import guests, recipes
 from orchestrator.cluster.events import ALERT, EventFilter
 from orchestrator.context import Context
-from orchestrator.errors import ConflictError, OsimgError
+from orchestrator.errors import ConflictError, OsimgError, StorageError
 from orchestrator.host import qemu_img
 from orchestrator.settings import private_dir
 from orchestrator.vios import attach as att_mod
@@ -291,8 +291,49 @@ def test_cli_vios_start_stop_and_errors(ctx: Context) -> None:
     assert missing.returncode == 3 and "no VIOS node" in missing.stderr
 
 
-def test_failover_check_is_a_no_op_when_all_paths_live(ctx: Context, nodes: tuple[str, str]) -> None:
-    assert failover.check(ctx) == []
+def test_failover_check_is_a_no_op_when_all_paths_live(
+    ctx: Context, nodes: tuple[str, str], clients: tuple[guests.Guest, guests.Guest]
+) -> None:
+    a, b = nodes
+    c2 = clients[1]
+    lu = data_lu(ctx, "nop")
+    lus.export_lu(ctx, lu.name, a)
+    lus.export_lu(ctx, lu.name, b, standby=True)
+    att = att_mod.attach(ctx, c2.name, lu.name)
+    try:
+        assert att.via == "qmp" and [p.node for p in att.connected()] == [a]
+        assert set(lus.alive_nodes(ctx)) >= {a, b}
+        assert failover.dead_paths(ctx, att, lus.alive_nodes(ctx)) == []
+        live = [x for x in att_mod.list_attachments(ctx) if x.via == "qmp" and ctx.hv.is_active(x.guest)]
+        assert att.name in [x.name for x in live], "the check must have a live attachment to look at"
+        before = att_mod.get(ctx, c2.name, lu.name)
+        assert failover.check(ctx) == []
+        after = att_mod.get(ctx, c2.name, lu.name)
+        assert after is not None and before is not None
+        assert after.failovers == 0 and after.paths == before.paths and after.next_child == before.next_child
+        out = sh(ctx, c2, wait_disk(att.unit) + "mkdir -p /mnt/nop && mount $D /mnt/nop && echo still >/mnt/nop/x "
+                 "&& sync && cat /mnt/nop/x && umount /mnt/nop")
+        assert out.strip() == "still"
+    finally:
+        att_mod.detach(ctx, c2.name, lu.name)
+
+
+def test_a_failed_export_raises_the_export_failed_alert(ctx: Context, nodes: tuple[str, str]) -> None:
+    a, _ = nodes
+    lu = data_lu(ctx, "ef", 8 << 20)
+    Path(lu.path).unlink()  # the node cannot open the LU's file: its export fails
+    sub = ctx.store.subscribe(EventFilter(kinds=(ALERT,), obj_prefix=f"export/{lus.export_name(a, lu.name)}"))
+    try:
+        with pytest.raises(StorageError, match=f"node {a} could not serve LU {lu.name}"):
+            lus.export_lu(ctx, lu.name, a)
+        ev = sub.get(timeout=10)
+    finally:
+        sub.close()
+    assert ev is not None and ev.type == "export-failed" and ev.kind == ALERT, ev
+    assert ev.obj == f"export/{lus.export_name(a, lu.name)}" and ev.data["error"]
+    exp = lus.get_export(ctx, lus.export_name(a, lu.name))
+    assert exp is not None and exp.status == "failed"
+    lus.unexport(ctx, lu.name, a)
 
 
 # -- issue 9: VIOS guests -------------------------------------------------------------------------------

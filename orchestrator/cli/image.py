@@ -93,7 +93,7 @@ def cmd_image_verify(ctx: Context, a: argparse.Namespace) -> int:
         emit_json({"name": a.name, "ok": not problems, "problems": problems})
     elif problems:
         for p in problems:
-            err.print(f"{a.name}: {p}", markup=False)
+            err.print(f"{a.name}: {p}", markup=False, highlight=False, soft_wrap=True)  # one line each
     else:
         out.print(f"{a.name}: ok (hashes match, backing chain inside the repository)")
     return 0 if not problems else 6

@@ -95,6 +95,8 @@ def _report_swaps(results: list[swap.SwapResult], as_json: bool, empty: str = "n
             if r.stopped or r.killed:
                 out.print(f"{r.guest}: workload on /data: held by {', '.join(r.stopped) or 'nothing'}; "
                           f"killed after the grace: {', '.join(r.killed) or 'nothing'}", markup=False)
+            if r.note:
+                out.print(f"{r.guest}: {r.note}", markup=False)
     return 0 if all(r.ok for r in results) else SwapError.exit_code
 
 

@@ -174,6 +174,7 @@ def load(path: str | Path, ctx: Context | None = None) -> FleetSpec:
         raise r.error("guests", f"{len(raw_guests)} guests; a fleet spec holds at most {MAX_GUESTS}")
     guests = [_guest(r, f"guests[{i}]", g, defaults, networks) for i, g in enumerate(raw_guests)]
     _check_unique(r, guests)
+    _default_addresses(networks, guests)
     spec = FleetSpec(p, name, uri, networks, guests)
     if ctx is not None:
         check_images(ctx, spec)
@@ -390,6 +391,22 @@ def _mounts(r: _Reader, key: str, raw: Any) -> list[Mount]:
             options=r.string(d.get("options", "defaults"), f"{k}.options", "mount options"),
         ))
     return out
+
+
+def _default_addresses(networks: dict[str, NetworkSpec], guests: list[GuestSpec]) -> None:
+    """A guest without ``ip`` gets one in its network's subnet: the images' own default
+    (10.0.2.15) only fits a user-mode network on the default subnet, so any other network (or a
+    libvirt network, where guests share the subnet) hands out free host addresses from ``.15`` up."""
+    taken = {(g.network, g.custom.address.split("/")[0]) for g in guests if g.custom.address}
+    for g in guests:
+        net = networks[g.network]
+        if g.custom.address or (net.mode == USER and str(net.subnet) == DEFAULT_SUBNET):
+            continue
+        for ip in net.subnet.hosts():
+            if int(ip) - int(net.subnet.network_address) >= 15 and (g.network, str(ip)) not in taken:
+                taken.add((g.network, str(ip)))
+                g.custom.address, g.custom.gateway = f"{ip}/{net.subnet.prefixlen}", str(net.gateway)
+                break
 
 
 def _check_unique(r: _Reader, guests: list[GuestSpec]) -> None:

@@ -368,14 +368,15 @@ class Hypervisor:
             return json.loads(libvirt_qemu.qemuMonitorCommand(d, json.dumps(command), 0))
 
     # -- accelerator ----------------------------------------------------------------------------------
-    def probe_kvm(self, kernel: str, initrd: str, workdir: Path, timeout: float = 10.0) -> tuple[bool, str]:
+    def probe_kvm(self, kernel: str, initrd: str, workdir: Path, timeout: float = 10.0,
+                  device: str = "/dev/kvm") -> tuple[bool, str]:
         """Boot a throw-away KVM domain that prints a marker from userspace, then powers off.
 
         ``/dev/kvm`` existing proves little: on nested hosts KVM_CREATE_VM succeeds and the guest
         then hangs in early boot. Only a real boot within ``timeout`` counts.
         """
-        if not os.path.exists("/dev/kvm"):
-            return False, "/dev/kvm does not exist (no hardware virtualization or kvm module not loaded)"
+        if not os.path.exists(device):
+            return False, f"{device} does not exist (no hardware virtualization or kvm module not loaded)"
         if "kvm" not in self.conn.getCapabilities():
             return False, "libvirt reports no kvm domain type for this host"
         name = f"osimg-kvm-probe-{os.getpid()}"

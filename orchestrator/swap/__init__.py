@@ -121,6 +121,10 @@ def swap_guest(ctx: Context, name: str, to_image: str, strategy: str = "warm",
                 raise SwapError(f"guest {name} is {ctx.hv.state(name)}, not running")
             fn = warm if strategy == "warm" else cold
             fn(ctx, g, target, res, progress, health_timeout, lease)
+            if strategy == "warm" and res.ok and g.custom().kernel_params:
+                # the paged-in kernel was booted with the golden image's command line
+                res.note = (f"kernel_params {' '.join(g.custom().kernel_params)} take effect at next boot "
+                            "(a warm swap keeps the running kernel's command line; use --strategy cold to apply now)")
     except ClusterError as err:
         if not res.ok:
             res.error = res.error or stopped_by_store(ctx, err, name)

@@ -56,6 +56,7 @@ class SwapResult:
     stopped: list[str] = field(default_factory=list)
     killed: list[str] = field(default_factory=list)
     refused: bool = False  # a journal record that failed its checks: nothing was done for it
+    note: str | None = None  # what the user should know about a successful swap (e.g. deferred settings)
 
 
 
