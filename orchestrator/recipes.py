@@ -52,7 +52,7 @@ def client_key(settings: Settings) -> Path:
     """The client key under OSIMG_HOME; a key an older osimg kept in the cache is copied there once,
     so guests and cached images that trust it stay reachable."""
     key, old = settings.client_key, settings.legacy_client_key
-    if not key.exists() and old.exists():
+    if not key.exists() and old.exists() and old.with_suffix(".pub").exists():
         copy_private(old, key)
         copy_private(old.with_suffix(".pub"), key.with_suffix(".pub"))
     ssh.ensure_client_key(key)
