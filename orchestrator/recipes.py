@@ -60,7 +60,7 @@ def existing_client_key(settings: Settings) -> Path:
     once, so guests and cached images that trust it stay reachable. Never made here: a new key would
     be trusted by no guest, so a missing one must be reported, not replaced."""
     key, old = settings.client_key, settings.legacy_client_key
-    if not key.exists() and old.exists():
+    if not key.exists() and old.exists() and old.with_suffix(".pub").exists():
         copy_private(old, key)
         copy_private(old.with_suffix(".pub"), key.with_suffix(".pub"))
     return key
