@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 
 import paramiko
@@ -139,6 +140,9 @@ def test_guests_paged_in_from_one_state_draw_different_random_bytes(ctx: Context
             assert reseed(ctx, pair[0].name) is reseeded and reseed(ctx, pair[1].name) is reseeded
             monkeypatch.delenv(NO_RESEED_ENV, raising=False)
             seen[reseeded] = [_first_random_bytes(ctx, g) for g in pair]
+            if reseeded:  # the helper also set the clock, which stopped when the state was saved
+                rc, out, _ = ctx.hv.guest_exec(pair[0].name, ["/bin/date", "+%s"])
+                assert rc == 0 and abs(int(out) - time.time()) < 10, out
         finally:
             for g in pair:
                 guests.remove(ctx, g.name)
