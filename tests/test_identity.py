@@ -124,6 +124,19 @@ def test_rotating_a_host_key_installs_and_pins_the_new_one(ctx: Context, pair: l
     assert oct(now.host_key_file(ctx).stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_golden_image_without_the_reseed_helper_is_rolled_back(ctx: Context, pair: list[guests.Guest]) -> None:
+    """An image captured without osimg-reseed cannot be reseeded: the swap fails fast and rolls back."""
+    bare = f"i{RUN_ID}-noreseed"
+    lifecycle.build(ctx, bare, "tiny:v2", lifecycle.BuildSteps(commands=["rm /usr/sbin/osimg-reseed"]))
+    g = guests.load(ctx, pair[1].name)
+    [r] = swap.rollout(ctx, swap.plan(ctx, [g.name], bare, "warm"))
+    assert not r.ok and r.rolled_back, r
+    assert "osimg-reseed" in (r.error or "") and "\n" not in (r.error or ""), r.error
+    assert "reseed" not in r.steps and list(r.steps)[-1] == "page-in", r.steps
+    back = guests.load(ctx, g.name)
+    assert back.image == g.image and presented_key(back.ssh_port) == g.host_key
+
+
 def _page_in(ctx: Context, label: str) -> guests.Guest:
     """A guest paged in straight from V2's golden state (what a warm swap does, without the rest)."""
     g = guests.create(ctx, gname(label), V2, start=False, config_drive=False)

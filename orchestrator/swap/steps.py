@@ -110,22 +110,27 @@ def reseed(ctx: Context, name: str, agent_timeout: float = 10) -> bool:
     the host does it, through the guest agent (a channel only the host has), with one guest-exec of
     the image's static helper (RNDADDENTROPY + RNDRESEEDCRNG, then clock_settime), before anything
     else runs in the guest. The agent reconnects a moment after a restore: until ``agent_timeout``
-    the call is retried (a repeated reseed is harmless). Returns False when switched off for the
-    experiment (NO_RESEED_ENV).
+    the call is retried while the agent does not answer (a repeated reseed is harmless). Returns
+    False when switched off for the experiment (NO_RESEED_ENV).
     """
     if os.environ.get(NO_RESEED_ENV) == "1":
         return False
     deadline = time.monotonic() + agent_timeout
+    agent_was_up = False
     while True:
         data = os.urandom(RESEED_BYTES) + struct.pack("<q", time.time_ns())
         try:
             rc, _, err = ctx.hv.guest_exec(name, [RESEED_HELPER], stdin=data, timeout=10)
             break
         except OsimgError as e:
-            if time.monotonic() > deadline:
+            # an agent that answered and still cannot run the helper (an image captured before the
+            # helper existed) will not do better later: fail on the second such try, the swap rolls back
+            up = ctx.hv.agent_ping(name, timeout=1)
+            if time.monotonic() > deadline or (up and agent_was_up):
                 raise GuestError(f"{name}: could not reseed the guest's RNG through the agent ({e}); the image "
                                  f"needs {RESEED_HELPER} and a running guest agent (rebuild it with this osimg)"
                                  ) from None
+            agent_was_up = agent_was_up or up
             time.sleep(0.02)
     if rc != 0:
         raise GuestError(f"{name}: reseeding the guest's RNG failed ({rc}): {err.strip()[-200:]}")
