@@ -23,7 +23,7 @@ from typing import Any
 
 from . import customize, recipes
 from .context import Context
-from .errors import ConflictError, NotFoundError, OsimgError, StorageError, ValidationError
+from .errors import ConflictError, GuestError, NotFoundError, OsimgError, StorageError, ValidationError
 from .host import qemu_img
 from .host.console import wait_for_serial
 from .host.domain import DiskSpec, DomainSpec, NetSpec
@@ -344,6 +344,37 @@ def wait_ready(ctx: Context, g: Guest, timeout: float = 120) -> float:
 
 def session(ctx: Context, g: Guest, timeout: float = 60) -> Session:
     return Session(g.ssh_port, g.host_key, recipes.existing_client_key(ctx.settings), timeout=timeout)
+
+
+def rotate_host_key(ctx: Context, name: str) -> str:
+    """Give a running guest a new SSH host key; returns its public line.
+
+    The key is made on the host (0600), installed in the guest through the guest agent (the SSH
+    server reloads it at once, see ``customize.identity_lines``), written to the config drive for
+    later boots, and only then pinned. If the guest refuses it, nothing changes on the host.
+    """
+    g = load(ctx, name)
+    if not g.own_host_key or not g.config_drive(ctx).exists():
+        raise ValidationError(f"guest {name} has no host key of its own (made without a config drive); "
+                              "recreate it to give it one")
+    if not ctx.hv.is_active(name) or not ctx.hv.agent_ping(name):
+        raise GuestError(f"guest {name} is not running with its guest agent: start it, then rotate its key")
+    new = g.host_key_file(ctx).with_suffix(".new")
+    new.unlink(missing_ok=True)
+    try:
+        pub = new_host_key(new)
+        key = customize.HostKey(new.read_text(), pub)
+        script = "\n".join(["set -u", *customize.identity_lines(key, None)]) + "\n"
+        rc, out, err = ctx.hv.guest_exec(name, ["/bin/sh", "-s"], stdin=script, timeout=60)
+        if rc != 0:
+            raise GuestError(f"guest {name}: installing the new host key failed ({rc}): {(err or out).strip()[-200:]}")
+        new.rename(g.host_key_file(ctx))
+    finally:
+        new.unlink(missing_ok=True)
+    g.host_key = key.public
+    write_customization(ctx, g)
+    g.save(ctx)
+    return key.public
 
 
 def remove(ctx: Context, name: str) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+import uuid
 from collections.abc import Iterator
 
 import paramiko
@@ -13,11 +15,12 @@ import pytest
 
 from orchestrator import guests, swap
 from orchestrator.context import Context
+from orchestrator.customize import live_script
 from orchestrator.errors import GuestError
 from orchestrator.host.domain import DomainDocument, retarget_saved_state, rewrite_identity
 from orchestrator.host.ssh import Session, wait_banner
 from orchestrator.images import catalog, lifecycle
-from orchestrator.swap.steps import NO_RESEED_ENV, PAGEIN_FILE, reseed
+from orchestrator.swap.steps import NO_RESEED_ENV, PAGEIN_FILE, guest_sh, reseed
 
 from .conftest import RUN_ID, gname, osimg
 
@@ -108,6 +111,32 @@ def test_warm_swap_reseeds_first_and_keeps_each_guests_identity(ctx: Context, pa
     assert all(genids) and len({*genids, gold_genid}) == 3, genids
 
 
+def test_rotating_a_host_key_installs_and_pins_the_new_one(ctx: Context, pair: list[guests.Guest]) -> None:
+    a = guests.load(ctx, pair[0].name)
+    r = osimg("guest", "rotate-key", a.name, "--json")
+    assert r.returncode == 0, r.stderr
+    now = guests.load(ctx, a.name)
+    assert json.loads(r.stdout)["host_key"] == now.host_key != a.host_key
+    assert presented_key(now.ssh_port) == now.host_key
+    with pytest.raises(GuestError, match="HostKey mismatch"):  # the old key no longer passes
+        Session(a.ssh_port, a.host_key, ctx.settings.client_key, timeout=20)
+    assert osimg("guest", "ssh", a.name, "--", "true").returncode == 0
+    assert oct(now.host_key_file(ctx).stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_golden_image_without_the_reseed_helper_is_rolled_back(ctx: Context, pair: list[guests.Guest]) -> None:
+    """An image captured without osimg-reseed cannot be reseeded: the swap fails fast and rolls back."""
+    bare = f"i{RUN_ID}-noreseed"
+    lifecycle.build(ctx, bare, "tiny:v2", lifecycle.BuildSteps(commands=["rm /usr/sbin/osimg-reseed"]))
+    g = guests.load(ctx, pair[1].name)
+    [r] = swap.rollout(ctx, swap.plan(ctx, [g.name], bare, "warm"))
+    assert not r.ok and r.rolled_back, r
+    assert "osimg-reseed" in (r.error or "") and "\n" not in (r.error or ""), r.error
+    assert "reseed" not in r.steps and list(r.steps)[-1] == "page-in", r.steps
+    back = guests.load(ctx, g.name)
+    assert back.image == g.image and presented_key(back.ssh_port) == g.host_key
+
+
 def _page_in(ctx: Context, label: str) -> guests.Guest:
     """A guest paged in straight from V2's golden state (what a warm swap does, without the rest)."""
     g = guests.create(ctx, gname(label), V2, start=False, config_drive=False)
@@ -139,6 +168,9 @@ def test_guests_paged_in_from_one_state_draw_different_random_bytes(ctx: Context
             assert reseed(ctx, pair[0].name) is reseeded and reseed(ctx, pair[1].name) is reseeded
             monkeypatch.delenv(NO_RESEED_ENV, raising=False)
             seen[reseeded] = [_first_random_bytes(ctx, g) for g in pair]
+            if reseeded:  # the helper also set the clock, which stopped when the state was saved
+                rc, out, _ = ctx.hv.guest_exec(pair[0].name, ["/bin/date", "+%s"])
+                assert rc == 0 and abs(int(out) - time.time()) < 10, out
         finally:
             for g in pair:
                 guests.remove(ctx, g.name)
@@ -146,3 +178,33 @@ def test_guests_paged_in_from_one_state_draw_different_random_bytes(ctx: Context
     print(f"\n[measure] without reseed, two guests restored from one state read "
           f"{'IDENTICAL' if same else 'different'} first 32 bytes of /dev/urandom: {seen[False]}")
     assert seen[True][0] != seen[True][1]
+
+
+def test_debian_guests_paged_in_from_one_state_get_their_own_machine_id_and_host_key(ctx: Context) -> None:
+    """Debian's side of the live identity: OpenSSH reloads the guest's own key (SIGHUP) and each guest
+    gets its own /etc/machine-id, on two guests paged in from one golden state (the warm swap's steps
+    after the page-in: reseed, then the live customization)."""
+    gold = f"i{RUN_ID}-deb"
+    lifecycle.build(ctx, gold, "debian:v1", boot_timeout=600)
+    img = catalog.resolve(ctx, gold)
+    assert img.state_file is not None
+    made = []
+    try:
+        for i in (1, 2):
+            g = guests.create(ctx, gname(f"deb{i}"), gold, start=False)
+            made.append(g)
+            xml = rewrite_identity(ctx.hv.saved_xml(str(img.state_file)), guests.domain_spec(ctx, g))
+            retarget_saved_state(img.state_file, g.dir(ctx) / PAGEIN_FILE, xml)
+            ctx.hv.restore(str(g.dir(ctx) / PAGEIN_FILE))
+            assert reseed(ctx, g.name, agent_timeout=60)
+            guest_sh(ctx, g, live_script(g.custom(), g.name, None, g.own_key(ctx), uuid.uuid4().hex), "identity",
+                     agent_up=True)
+        ids = []
+        for g in made:
+            assert presented_key(g.ssh_port) == g.host_key != img.host_key
+            with guests.session(ctx, g) as s:
+                ids.append(s.run(["cat", "/etc/machine-id"], check=True).out.strip())
+        assert all(len(i) == 32 for i in ids) and ids[0] != ids[1], ids
+    finally:
+        for g in made:
+            guests.remove(ctx, g.name)

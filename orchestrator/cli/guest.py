@@ -1,4 +1,4 @@
-"""``osimg guest create|list|ssh|rm|resize``: one guest at a time."""
+"""``osimg guest create|list|ssh|rm|resize|rotate-key``: one guest at a time."""
 
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ def register(nouns: dict[str, Any]) -> None:
     r.add_argument("name")
     r.add_argument("--disk", choices=sorted(guests.DISK_TARGETS), required=True, help="which disk")
     r.add_argument("--size", type=size_arg, required=True, help="new size, e.g. 20G (shrinking is refused)")
+    k = add(guest, "rotate-key", cmd_guest_rotate_key, "give a running guest a new SSH host key and pin it")
+    k.add_argument("name")
 
 
 # -- guest --------------------------------------------------------------------------------------------
@@ -109,3 +111,12 @@ def cmd_guest_resize(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def cmd_guest_rotate_key(ctx: Context, a: argparse.Namespace) -> int:
+    pub = guests.rotate_host_key(ctx, a.name)
+    if a.json:
+        emit_json({"name": a.name, "host_key": pub})
+    else:
+        out.print(f"guest {a.name} presents a new host key, now pinned: {pub}")
+    return 0

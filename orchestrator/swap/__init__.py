@@ -4,8 +4,10 @@
 prepare G's own page-in file (the golden state carrying G's identity) and a fresh overlay on the
 new base; quiesce G (stop its application, unmount and detach its data volume, guest-agent
 fsfreeze, suspend); page out the old OS into an internal snapshot of its own overlay (memory and
-disk, for rollback); page in the golden state; hot-attach G's data volume; apply G's
-customization live through the guest agent; start G's application; verify; commit or roll back.
+disk, for rollback); page in the golden state (with a new VM generation ID); reseed its RNG and
+set its clock through the guest agent, before anything else runs in it; hot-attach G's data
+volume; apply G's customization live through the guest agent (with G's own SSH host key and a new
+machine-id); start G's application; verify; commit or roll back.
 
 **cold** (the baseline): shut G down, put a fresh overlay on the new base under it, boot (the
 config drive re-applies G's customization and the image starts the application), verify.

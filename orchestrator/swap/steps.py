@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import signal
+import struct
 import threading
 import time
 import uuid as uuidlib
@@ -146,9 +147,11 @@ def health(ctx: Context, g: guests.Guest, version: str, counter_before: int | No
     return n
 
 
-def guest_sh(ctx: Context, g: guests.Guest, script: str, what: str, timeout: float = 120) -> str:
-    """Run a shell script in the guest through the agent (fast) or, without one, over SSH."""
-    if ctx.hv.agent_ping(g.name, timeout=2):
+def guest_sh(ctx: Context, g: guests.Guest, script: str, what: str, timeout: float = 120,
+             agent_up: bool = False) -> str:
+    """Run a shell script in the guest through the agent (fast) or, without one, over SSH.
+    ``agent_up``: the agent just answered, so skip asking it (one round trip less in a downtime)."""
+    if agent_up or ctx.hv.agent_ping(g.name, timeout=2):
         rc, out, err = ctx.hv.guest_exec(g.name, ["/bin/sh", "-s"], stdin=script, timeout=timeout)
     else:
         with guests.session(ctx, g, timeout=timeout) as s:
@@ -207,23 +210,38 @@ def start_workload(ctx: Context, g: guests.Guest) -> None:
         guest_sh(ctx, g, f"sh -c {sh_quote(cmd)} </dev/null >/dev/null 2>&1\n", "starting the workload")
 
 
-def reseed(ctx: Context, name: str) -> bool:
-    """Push fresh host entropy into a just paged-in guest's RNG and force an immediate CRNG reseed.
+def reseed(ctx: Context, name: str, agent_timeout: float = 10) -> bool:
+    """Push fresh host entropy into a just paged-in guest's RNG, force an immediate CRNG reseed and
+    set the guest's clock (stopped when the state was saved) to the host's.
 
     A memory state restored into many guests resumes them all with one RNG state, so without this
     they would draw the same "random" bytes (keys, nonces, TCP sequence numbers). The Debian 6.1
     cloud kernel has no CONFIG_VMGENID, so the guest does not notice the new generation ID itself:
     the host does it, through the guest agent (a channel only the host has), with one guest-exec of
-    the image's static helper (RNDADDENTROPY + RNDRESEEDCRNG), before anything else runs in the
-    guest. Returns False when switched off for the experiment (NO_RESEED_ENV).
+    the image's static helper (RNDADDENTROPY + RNDRESEEDCRNG, then clock_settime), before anything
+    else runs in the guest. The agent reconnects a moment after a restore: until ``agent_timeout``
+    the call is retried while the agent does not answer (a repeated reseed is harmless). Returns
+    False when switched off for the experiment (NO_RESEED_ENV).
     """
     if os.environ.get(NO_RESEED_ENV) == "1":
         return False
-    try:
-        rc, _, err = ctx.hv.guest_exec(name, [RESEED_HELPER], stdin=os.urandom(RESEED_BYTES), timeout=10)
-    except OsimgError as e:
-        raise GuestError(f"{name}: could not reseed the guest's RNG through the agent ({e}); the image needs "
-                         f"{RESEED_HELPER} and a running guest agent (rebuild it with this osimg)") from None
+    deadline = time.monotonic() + agent_timeout
+    agent_was_up = False
+    while True:
+        data = os.urandom(RESEED_BYTES) + struct.pack("<q", time.time_ns())
+        try:
+            rc, _, err = ctx.hv.guest_exec(name, [RESEED_HELPER], stdin=data, timeout=10)
+            break
+        except OsimgError as e:
+            # an agent that answered and still cannot run the helper (an image captured before the
+            # helper existed) will not do better later: fail on the second such try, the swap rolls back
+            up = ctx.hv.agent_ping(name, timeout=1)
+            if time.monotonic() > deadline or (up and agent_was_up):
+                raise GuestError(f"{name}: could not reseed the guest's RNG through the agent ({e}); the image "
+                                 f"needs {RESEED_HELPER} and a running guest agent (rebuild it with this osimg)"
+                                 ) from None
+            agent_was_up = agent_was_up or up
+            time.sleep(0.02)
     if rc != 0:
         raise GuestError(f"{name}: reseeding the guest's RNG failed ({rc}): {err.strip()[-200:]}")
     return True

@@ -107,21 +107,22 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         mark(ctx, lease, g.name, "paged-in")
         failpoint("warm-paged-in")
         step(res, "page-in", t0)
-        # before anything else runs in the guest: it resumed with the golden state's RNG
-        if reseed(ctx, g.name):
+        # before anything else runs in the guest: it resumed with the golden state's RNG and clock
+        reseeded = reseed(ctx, g.name)
+        if reseeded:
             step(res, "reseed", t0)
+        else:
+            with contextlib.suppress(OsimgError):
+                ctx.hv.agent(g.name, "guest-set-time", {"time": time.time_ns()}, timeout=5)
         if data_disk is not None:
             ctx.hv.attach_disk(g.name, data_disk)
         failpoint("warm-data-attached")
         step(res, "attach", t0)
-        # the golden state's clock stopped at capture time
-        with contextlib.suppress(OsimgError):
-            ctx.hv.agent(g.name, "guest-set-time", {"time": time.time_ns()}, timeout=5)
         progress(f"{g.name}: customize and start the application")
         # the guest's own host key (the golden state presents the builder's) and a new machine-id,
         # in the same agent call as the rest of the customization, before anything connects over SSH
         guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid, new.own_key(ctx), uuidlib.uuid4().hex),
-                 "live customization")
+                 "live customization", agent_up=reseeded)
         start_workload(ctx, new)
         mark(ctx, lease, g.name, "customized")
         failpoint("warm-customized")
