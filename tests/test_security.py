@@ -426,6 +426,23 @@ def test_nobody_cannot_connect_to_the_host_service_nbd_socket(ctx: Context) -> N
             s.connect(str(sock))  # root (and QEMU's group) may
         proc = as_nobody("/usr/bin/python3", "-c", NOBODY_CONNECTS, str(sock))
         assert proc.stdout.strip() == "13", proc.stdout + proc.stderr
+        # a raw LU that starts with a qcow2 header naming /etc/shadow is served as the raw bytes it is
+        raw = private_dir(HOME / "lus") / f"{gname('served')}.raw"
+        hostile_raw(raw)
+        lu = lus.define_lu(ctx, gname("served"), raw, "data")
+        try:
+            lus.export_lu(ctx, lu.name, name)
+            out = subprocess.run(["qemu-img", "info", "-f", "raw", "--output=json",
+                                  f"nbd+unix:///{lu.name}?socket={sock}"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            assert json.loads(out)["virtual-size"] == 4 << 20  # qcow2 would have shown the header's 1 GiB
+            assert info.backend_pid
+            opened = [os.readlink(f) for f in Path(f"/proc/{info.backend_pid}/fd").iterdir()]
+            assert str(raw) in opened and "/etc/shadow" not in opened
+            lus.unexport(ctx, lu.name, name)
+        finally:
+            lus.delete_lu(ctx, lu.name)
+            raw.unlink()
     finally:
         node.stop(ctx, name, timeout=15)
 
