@@ -34,7 +34,7 @@ from orchestrator.host.ssh import ensure_client_key
 from orchestrator.images import catalog
 from orchestrator.settings import create_private, private_dir, qemu_gid, too_wide
 from orchestrator.swap import journal
-from orchestrator.vios import lus, node
+from orchestrator.vios import attach, lus, node
 
 from .conftest import HOME, gname, osimg
 
@@ -102,6 +102,19 @@ def test_crafted_lu_record_is_not_served(ctx: Context) -> None:
         one_line(proc)
     finally:
         ctx.store.delete(LU_KIND, name)
+
+
+def test_crafted_export_paths_are_not_handed_to_qemu(ctx: Context) -> None:
+    """An export record is written by a node daemon, but anyone holding the store could write one:
+    its unix socket and its TLS key folder must be osimg's before QEMU is told to use them."""
+    with pytest.raises(ValidationError, match="NBD socket"):
+        attach.check_path(ctx, attach.Path_("n1", "n1.lu", "/run/libvirt/libvirt-sock", None))
+    with pytest.raises(ValidationError, match="TLS key folder"):
+        attach.tls_object(ctx, attach.Path_("n1", "n1.lu", None, 10809, tls="/etc/ssl/private"))
+    with pytest.raises(ValidationError, match="node name"):
+        attach.check_path(ctx, attach.Path_("../n1", "n1.lu", None, 10809))
+    ok = attach.Path_("n1", "n1.lu", str(HOME / "vios" / "n1" / "nbd.sock"), None)
+    assert attach.check_path(ctx, ok).socket == str(HOME / "vios" / "n1" / "nbd.sock")
 
 
 def fake_guest(ctx: Context, guest: str, **over: object) -> dict[str, object]:
