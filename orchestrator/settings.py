@@ -35,7 +35,7 @@ FILE_MODE = 0o640
 READONLY_MODE = 0o440  # image files: immutable once captured
 SOCKET_MODE = 0o660  # NBD sockets: QEMU connects, nobody else
 PRIVATE_MODE = 0o600  # keys and the SQLite store: root alone
-PRIVATE_SUFFIXES = (".key", ".psk", ".sqlite", ".sqlite-wal", ".sqlite-shm")
+PRIVATE_SUFFIXES = (".key", ".sqlite", ".sqlite-wal", ".sqlite-shm")  # not keys.psk: QEMU loads it
 
 
 def qemu_gid() -> int | None:
