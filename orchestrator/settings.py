@@ -57,7 +57,7 @@ FILE_MODE = 0o640
 READONLY_MODE = 0o440  # image files: immutable once captured
 SOCKET_MODE = 0o660  # NBD sockets: QEMU connects, nobody else
 PRIVATE_MODE = 0o600  # keys and the SQLite store: root alone
-PRIVATE_SUFFIXES = (".key", ".psk", ".sqlite", ".sqlite-wal", ".sqlite-shm")
+PRIVATE_SUFFIXES = (".key", ".sqlite", ".sqlite-wal", ".sqlite-shm")  # not keys.psk: QEMU loads it
 
 
 def qemu_gid() -> int | None:
@@ -66,6 +66,16 @@ def qemu_gid() -> int | None:
         return pwd.getpwnam(QEMU_USER).pw_gid
     except KeyError:
         return None
+
+
+def qemu_gids() -> set[int]:
+    """Groups a file under OSIMG_HOME may have: root's, and QEMU's user's (libvirt gives the files of a
+    running guest to ``libvirt-qemu:libvirt-qemu`` and gives them back when it stops)."""
+    try:
+        pw = pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        return {0}
+    return {0, pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if QEMU_USER in g.gr_mem or g.gr_name == QEMU_USER}
 
 
 def qemu_group_name() -> str:
@@ -101,7 +111,7 @@ def allowed_mode(path: Path, st: os.stat_result) -> int:
     if stat.S_ISDIR(st.st_mode):
         return DIR_MODE
     if stat.S_ISSOCK(st.st_mode):
-        return SOCKET_MODE
+        return SOCKET_MODE | 0o110  # x means nothing on a socket (a QMP socket made under umask 027 has it)
     if path.name.endswith(PRIVATE_SUFFIXES) or path.name.startswith("id_"):
         return PRIVATE_MODE
     return FILE_MODE
@@ -111,7 +121,7 @@ def too_wide(root: Path) -> list[tuple[Path, int, int]]:
     """Every file or folder under ``root`` (``root`` included; symlinks skipped) whose mode grants
     more than ``allowed_mode``, or whose group is not QEMU's: (path, mode, allowed)."""
     out = []
-    gid = qemu_gid()
+    gids = qemu_gids()
     for dirpath, dirnames, filenames in os.walk(root):
         d = Path(dirpath)
         entries = [d] if d == root else []
@@ -125,7 +135,7 @@ def too_wide(root: Path) -> list[tuple[Path, int, int]]:
                 continue
             allowed = allowed_mode(p, st)
             mode = stat.S_IMODE(st.st_mode)
-            wrong_group = gid is not None and st.st_gid not in (gid, 0) and allowed != PRIVATE_MODE
+            wrong_group = st.st_gid not in gids and allowed != PRIVATE_MODE
             if mode & ~allowed & 0o7777 & ~stat.S_ISGID or wrong_group:
                 out.append((p, mode, allowed))
     return out

@@ -34,7 +34,7 @@ from orchestrator.host.ssh import ensure_client_key
 from orchestrator.images import catalog
 from orchestrator.settings import create_private, private_dir, qemu_gid, too_wide
 from orchestrator.swap import journal
-from orchestrator.vios import lus, node
+from orchestrator.vios import attach, lus, node
 
 from .conftest import HOME, gname, osimg
 
@@ -102,6 +102,19 @@ def test_crafted_lu_record_is_not_served(ctx: Context) -> None:
         one_line(proc)
     finally:
         ctx.store.delete(LU_KIND, name)
+
+
+def test_crafted_export_paths_are_not_handed_to_qemu(ctx: Context) -> None:
+    """An export record is written by a node daemon, but anyone holding the store could write one:
+    its unix socket and its TLS key folder must be osimg's before QEMU is told to use them."""
+    with pytest.raises(ValidationError, match="NBD socket"):
+        attach.check_path(ctx, attach.Path_("n1", "n1.lu", "/run/libvirt/libvirt-sock", None))
+    with pytest.raises(ValidationError, match="TLS key folder"):
+        attach.tls_object(ctx, attach.Path_("n1", "n1.lu", None, 10809, tls="/etc/ssl/private"))
+    with pytest.raises(ValidationError, match="node name"):
+        attach.check_path(ctx, attach.Path_("../n1", "n1.lu", None, 10809))
+    ok = attach.Path_("n1", "n1.lu", str(HOME / "vios" / "n1" / "nbd.sock"), None)
+    assert attach.check_path(ctx, ok).socket == str(HOME / "vios" / "n1" / "nbd.sock")
 
 
 def fake_guest(ctx: Context, guest: str, **over: object) -> dict[str, object]:
@@ -357,7 +370,7 @@ def test_doctor_reports_wider_modes_and_fix_narrows_them(ctx: Context) -> None:
     leak = loose / "state.sav"
     leak.write_text("guest memory")
     leak.chmod(0o644)
-    key = loose / "node.psk"
+    key = loose / "node.key"
     key.write_text("secret")
     key.chmod(0o640)
     env = {"OSIMG_ACCEL": "tcg"}
@@ -427,6 +440,23 @@ def test_nobody_cannot_connect_to_the_host_service_nbd_socket(ctx: Context) -> N
             s.connect(str(sock))  # root (and QEMU's group) may
         proc = as_nobody("/usr/bin/python3", "-c", NOBODY_CONNECTS, str(sock))
         assert proc.stdout.strip() == "13", proc.stdout + proc.stderr
+        # a raw LU that starts with a qcow2 header naming /etc/shadow is served as the raw bytes it is
+        raw = private_dir(HOME / "lus") / f"{gname('served')}.raw"
+        hostile_raw(raw)
+        lu = lus.define_lu(ctx, gname("served"), raw, "data")
+        try:
+            lus.export_lu(ctx, lu.name, name)
+            out = subprocess.run(["qemu-img", "info", "-f", "raw", "--output=json",
+                                  f"nbd+unix:///{lu.name}?socket={sock}"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            assert json.loads(out)["virtual-size"] == 4 << 20  # qcow2 would have shown the header's 1 GiB
+            assert info.backend_pid
+            opened = [os.readlink(f) for f in Path(f"/proc/{info.backend_pid}/fd").iterdir()]
+            assert str(raw) in opened and "/etc/shadow" not in opened
+            lus.unexport(ctx, lu.name, name)
+        finally:
+            lus.delete_lu(ctx, lu.name)
+            raw.unlink()
     finally:
         node.stop(ctx, name, timeout=15)
 
@@ -457,6 +487,7 @@ def test_vios_guest_export_needs_the_nodes_tls_key(ctx: Context, tmp_path: Path)
         assert exp.port and exp.tls
         key_dir = Path(exp.tls)
         assert stat.S_IMODE((key_dir / "keys.psk").stat().st_mode) == 0o640
+        assert not [w for w in too_wide(HOME) if w[0].parent == key_dir]  # doctor --fix leaves it to QEMU
         plain = nbd_info(exp.port, lu.name, None)
         assert plain.returncode != 0 and "TLS" in plain.stderr, plain.stderr
         other = tmp_path / "other"

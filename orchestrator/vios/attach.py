@@ -155,6 +155,15 @@ def nbd_blockdev(p: Path_, lu: str, readonly: bool) -> dict[str, Any]:
     return bd
 
 
+def check_path(ctx: Context, p: Path_) -> Path_:
+    """A path read from an export record, made safe to hand to QEMU: its unix socket must be one of
+    osimg's (under OSIMG_HOME), its node a valid name. Returns ``p``."""
+    valid_name(p.node, "VIOS node name in an export record")
+    if p.socket:
+        p.socket = str(inside(p.socket, [ctx.settings.home], f"NBD socket of node {p.node}"))
+    return p
+
+
 def tls_object(ctx: Context, p: Path_) -> dict[str, Any] | None:
     """The client TLS object a path needs, None for a unix socket. The key folder comes from a store
     record: it must lie under OSIMG_HOME before QEMU is told to load a key from it."""
@@ -226,7 +235,7 @@ def attach(
         if not serving:
             # only a standby is left (its partner is down or idle): open the LU there now
             exports = [lus.activate(ctx, use[0].name) if e.name == use[0].name else e for e in exports]
-        att.paths = [_path_for(e) for e in exports]
+        att.paths = [check_path(ctx, _path_for(e)) for e in exports]
         if via == "libvirt":
             p = next(x for x in att.paths if x.node == use[0].node)
             ctx.hv.attach_disk(guest, _disk_spec(att, p))
@@ -260,6 +269,7 @@ def _disk_spec(att: Attachment, p: Path_) -> DiskSpec:
 def add_blockdev(ctx: Context, att: Attachment, p: Path_) -> None:
     p.blockdev = f"vios{att.client_id}x{att.adapter_id}p{att.next_path}"
     att.next_path += 1
+    check_path(ctx, p)
     ensure_tls_object(ctx, att.guest, p)
     qmp(ctx, att.guest, "blockdev-add", **nbd_blockdev(p, att.lu, att.readonly))
     p.connected = True

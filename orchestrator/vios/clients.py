@@ -23,7 +23,7 @@ from ..context import Context
 from ..errors import NotFoundError, OsimgError, ValidationError
 from ..settings import QEMU_USER
 from . import lus
-from .attach import Attachment, Path_, nbd_blockdev, tls_object
+from .attach import Attachment, Path_, check_path, nbd_blockdev, tls_object
 from .lus import ATTACH_KIND, SERVING, alive_nodes
 
 
@@ -65,8 +65,9 @@ def create_client(ctx: Context, name: str, image: str, lu_name: str, nodes: list
             ctx.store.reserve(lu.name, alive[e.node], name, SHARED_READ)
             reserved.append(alive[e.node])
         for i, e in enumerate(exports):
-            att.paths.append(Path_(e.node, e.name, e.socket, e.port, tls=e.tls, blockdev=f"vios{cid}x{aid}p{i}",
-                                   child=f"children.{i}", connected=True))
+            p = Path_(e.node, e.name, e.socket, e.port, tls=e.tls, blockdev=f"vios{cid}x{aid}p{i}",
+                      child=f"children.{i}", connected=True)
+            att.paths.append(check_path(ctx, p))
         att.next_path = att.next_child = len(att.paths)
         overlay = g.overlay(ctx)
         _qemu_owns(overlay)
