@@ -32,11 +32,11 @@ from orchestrator.failpoints import ENV
 from orchestrator.images import catalog, lifecycle
 from orchestrator.process import dead_local_holder, holder_id
 from orchestrator.settings import SOURCE_ROOT
-from orchestrator.swap.steps import PAGEIN_FILE, ROLLBACK_SNAPSHOT
+from orchestrator.swap.steps import PAGEIN_FILE, ROLLBACK_SNAPSHOT, guest_sh
 
 from .cluster_fixtures import ETCD_SH, free_ports
 from .conftest import HOME, RUN_ID, gname, osimg
-from .writer import ConsoleWatch, Writer, check, read_records
+from .writer import RECORDS, ConsoleWatch, Writer, check, read_records
 
 V1, V2 = f"c{RUN_ID}-v1", f"c{RUN_ID}-v2"
 PACKAGE = SOURCE_ROOT / "orchestrator"
@@ -207,7 +207,10 @@ def test_kill_at_failpoint_then_resume(ctx: Context, crash_guests: dict[str, gue
     history = _history(ctx, g, add=f"before-{strategy}-{point}")
     target = V2 if g.image == V1 else V1
     with ConsoleWatch(g.console(ctx)) as watch:
-        # a workload the image does not know appends and syncs records to /data throughout
+        # a workload the image does not know appends and syncs records to /data throughout; a fresh
+        # file per case, so one case's loss does not fail the cases after it
+        Writer.stop(ctx, g)
+        guest_sh(ctx, g, f"rm -f {RECORDS}\n", "removing the last case's records")
         Writer().start(ctx, g)
         t0 = time.monotonic()
         exe = Path(sys.executable).parent / "osimg"
