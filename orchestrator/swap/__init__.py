@@ -168,10 +168,15 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
     out = []
     for listed in journal.entries(ctx):
         name = str(listed.get("guest", ""))
-        if not name or not (ctx.settings.guests_dir / name).exists():
-            progress(f"{name or '?'}: the guest was removed; dropping its journal entry")
-            if name:
-                journal.drop_unlocked(ctx, name)
+        try:
+            _journal_guests(listed)
+        except SwapError as err:
+            # a record cut short or edited by hand: say so and leave it for a person to look at
+            out.append(SwapResult(name[:63] or "?", str(listed.get("strategy"))[:10], "?", "?", "?", error=str(err)))
+            continue
+        if not (ctx.settings.guests_dir / name).exists():
+            progress(f"{name}: the guest was removed; dropping its journal entry")
+            journal.drop_unlocked(ctx, name)
             continue
         res = SwapResult(name, str(listed.get("strategy", "?")), str(listed.get("from_image", "?")),
                          str(listed.get("to_image", "?")), "?")
@@ -198,14 +203,19 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
     return out
 
 
+def _journal_guests(rec: dict[str, Any]) -> tuple[guests.Guest, guests.Guest]:
+    """The guest's old and new records a journal entry holds; SwapError if it is broken."""
+    name = str(rec.get("guest", "?"))[:63]
+    try:
+        return guests.Guest(**rec["old"]), guests.Guest(**rec["new"])
+    except (KeyError, TypeError) as err:
+        raise SwapError(f"swap journal record of {name} is broken ({describe(err)[:80]}); nothing was done for "
+                        "this record: inspect the guest by hand and remove the entry") from None
+
+
 def _resume_one(ctx: Context, lease: Any, rec: dict[str, Any], res: SwapResult, progress: Progress) -> None:
     name = res.guest
-    try:
-        old = guests.Guest(**rec["old"])
-        new = guests.Guest(**rec["new"])
-    except (KeyError, TypeError) as err:
-        raise SwapError(f"the journal entry of {name} is broken ({describe(err)}); inspect the guest by hand "
-                        f"and remove the entry") from None
+    old, new = _journal_guests(rec)
     res.old_version = old.os_version
     step = str(rec.get("step", ""))
     if step in (journal.PREPARING, journal.PREPARED) and ctx.hv.is_active(name):
