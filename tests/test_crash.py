@@ -147,6 +147,22 @@ def test_resume_refuses_arguments_and_dry_run_changes_nothing() -> None:
     assert res.returncode == 0 and json.loads(res.stdout) == [], res
 
 
+def test_a_broken_journal_entry_is_reported_and_left_alone(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    c = Context.from_env(home=str(home), uri="test:///default")
+    try:
+        c.store.put(swap.journal.KIND, "g1", {"guest": "g1", "step": "paged-out"})
+    finally:
+        c.close()
+    res = osimg("--home", str(home), "--uri", "test:///default", "swap", "--resume", "--json")
+    assert res.returncode == 8 and "Traceback" not in res.stderr, res
+    [r] = json.loads(res.stdout)
+    assert "swap journal record of g1 is broken" in r["error"] and "nothing was done" in r["error"], r
+    assert "g1: not resumed" in res.stderr
+    res = osimg("--home", str(home), "--uri", "test:///default", "swap", "--resume", "--dry-run")
+    assert res.returncode == 0 and "g1" in res.stdout, res
+
+
 # -- real guests ------------------------------------------------------------------------------------------------
 
 
