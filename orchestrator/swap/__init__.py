@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import guests
+from ..cluster.store import Lease
 from ..context import Context
 from ..errors import ClusterError, OsimgError, SwapError
 from ..images import catalog
@@ -213,7 +214,7 @@ def _journal_guests(rec: dict[str, Any]) -> tuple[guests.Guest, guests.Guest]:
                         "this record: inspect the guest by hand and remove the entry") from None
 
 
-def _resume_one(ctx: Context, lease: Any, rec: dict[str, Any], res: SwapResult, progress: Progress) -> None:
+def _resume_one(ctx: Context, lease: Lease, rec: dict[str, Any], res: SwapResult, progress: Progress) -> None:
     name = res.guest
     old, new = _journal_guests(rec)
     res.old_version = old.os_version
