@@ -32,11 +32,11 @@ from orchestrator.failpoints import ENV
 from orchestrator.images import catalog, lifecycle
 from orchestrator.process import dead_local_holder, holder_id
 from orchestrator.settings import SOURCE_ROOT
-from orchestrator.swap.steps import PAGEIN_FILE, ROLLBACK_SNAPSHOT
+from orchestrator.swap.steps import PAGEIN_FILE, ROLLBACK_SNAPSHOT, guest_sh
 
 from .cluster_fixtures import ETCD_SH, free_ports
 from .conftest import HOME, RUN_ID, gname, osimg
-from .writer import ConsoleWatch, Writer, check, read_records
+from .writer import RECORDS, ConsoleWatch, Writer, checksum, read_records
 
 V1, V2 = f"c{RUN_ID}-v1", f"c{RUN_ID}-v2"
 PACKAGE = SOURCE_ROOT / "orchestrator"
@@ -147,6 +147,23 @@ def test_resume_refuses_arguments_and_dry_run_changes_nothing() -> None:
     assert res.returncode == 0 and json.loads(res.stdout) == [], res
 
 
+def test_a_broken_journal_entry_is_reported_and_left_alone(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "guests" / "g1").mkdir(parents=True)  # an entry of a removed guest would only be dropped
+    c = Context.from_env(home=str(home), uri="test:///default")
+    try:
+        c.store.put(swap.journal.KIND, "g1", {"guest": "g1", "step": "paged-out"})
+    finally:
+        c.close()
+    res = osimg("--home", str(home), "--uri", "test:///default", "swap", "--resume", "--json")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res  # refused: bad input, nothing done
+    [r] = json.loads(res.stdout)
+    assert "swap journal record of g1" in r["error"] and "nothing was done" in r["error"], r
+    assert "g1: not resumed" in res.stderr
+    res = osimg("--home", str(home), "--uri", "test:///default", "swap", "--resume", "--dry-run")
+    assert res.returncode == 0 and "g1" in res.stdout, res
+
+
 # -- real guests ------------------------------------------------------------------------------------------------
 
 
@@ -198,6 +215,31 @@ def _check_whole(ctx: Context, g0: guests.Guest, history: str, others: set[str])
     return g.os_version
 
 
+def check_from(text: str, synced: list[int], first: int) -> str:
+    """tests/writer.py's ``check`` for a file that starts at record ``first``: consecutive, in order,
+    uncorrupted, and every number the writer reported synced (from ``first`` on) is there, once."""
+    lines = text.splitlines()
+    assert lines and text.endswith("\n"), f"records file empty or cut short: {text[-80:]!r}"
+    for i, line in enumerate(lines):
+        want = f"{first + i} {checksum(first + i)}"
+        assert line == want, f"record {i + 1} is {line!r}, expected {want!r} (gap, reorder or corruption)"
+    last = first + len(lines) - 1
+    mine = [n for n in synced if n > first]
+    dupes = sorted({n for n in mine if mine.count(n) > 1})
+    assert not dupes, f"records reported synced twice (lost, then written again): {dupes[:10]}"
+    missing = [n for n in mine if n > last]
+    assert not missing, f"records reported synced but missing from the file (it ends at {last}): {missing[:10]}"
+    return f"{len(lines) - 1} records, {len(mine)} reported synced"
+
+
+def test_check_from_catches_a_lost_synced_record() -> None:
+    text = "".join(f"{n} {checksum(n)}\n" for n in range(100, 106))
+    assert check_from(text, [99, 101, 102, 105], 100) == "5 records, 3 reported synced"
+    for bad_text, synced in [(text, [106]), (text, [101, 101]), (text.replace("103", "104", 1), []), (text[:-2], [])]:
+        with pytest.raises(AssertionError):
+            check_from(bad_text, synced, 100)
+
+
 @pytest.mark.guest
 @pytest.mark.parametrize(("strategy", "point", "spec"), CASES, ids=[f"{s}-{p}" for s, p, _ in CASES])
 def test_kill_at_failpoint_then_resume(ctx: Context, crash_guests: dict[str, guests.Guest], strategy: str,
@@ -207,7 +249,12 @@ def test_kill_at_failpoint_then_resume(ctx: Context, crash_guests: dict[str, gue
     history = _history(ctx, g, add=f"before-{strategy}-{point}")
     target = V2 if g.image == V1 else V1
     with ConsoleWatch(g.console(ctx)) as watch:
-        # a workload the image does not know appends and syncs records to /data throughout
+        # a workload the image does not know appends and syncs records to /data throughout; a fresh
+        # file per case (so one case's loss does not fail the cases after it), numbered from a
+        # number no earlier case reached (the console still holds the earlier cases' reports)
+        first = int(time.time() * 1000)
+        Writer.stop(ctx, g)
+        guest_sh(ctx, g, f"echo '{first} {checksum(first)}' >{RECORDS} && sync {RECORDS}\n", "seeding the records")
         Writer().start(ctx, g)
         t0 = time.monotonic()
         exe = Path(sys.executable).parent / "osimg"
@@ -232,7 +279,7 @@ def test_kill_at_failpoint_then_resume(ctx: Context, crash_guests: dict[str, gue
         now = guests.load(ctx, g.name)
         Writer.stop(ctx, now)
         synced = watch.stop()
-    verdict = check(read_records(ctx, now), synced, minimum=0)
+    verdict = check_from(read_records(ctx, now), synced, first)
     before = _state(ctx, g.name)
     again = osimg("swap", "--resume", "--json")
     assert again.returncode == 0 and json.loads(again.stdout) == [], again

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import guests
+from ..cluster.store import Lease
 from ..context import Context
 from ..errors import ClusterError, OsimgError, SwapError, ValidationError
 from ..images import catalog
@@ -228,7 +229,7 @@ def _records(ctx: Context, name: str, rec: dict[str, Any]) -> tuple[guests.Guest
     return old, new
 
 
-def _resume_one(ctx: Context, lease: Any, rec: dict[str, Any], res: SwapResult, progress: Progress) -> None:
+def _resume_one(ctx: Context, lease: Lease, rec: dict[str, Any], res: SwapResult, progress: Progress) -> None:
     name = res.guest
     old, new = _records(ctx, name, rec)
     res.old_version = old.os_version

@@ -53,13 +53,14 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         raise SwapError(f"cold swap of {g.name} not started: {describe(err)}; the guest was not touched") from None
     down = time.monotonic()
     try:
+        # journaled first: a resume from 'prepared' only removes files and expects the workload running
+        mark(ctx, lease, g.name, "stopping")
+        failpoint("cold-stopping")
         progress(f"{g.name}: quiesce")
         # a workload that keeps writing through the shutdown would write onto the old root file system
         quiesce(ctx, g, res)
         step(res, "quiesce", t0)
         progress(f"{g.name}: shut down")
-        mark(ctx, lease, g.name, "stopping")
-        failpoint("cold-stopping")
         ctx.hv.shutdown(g.name)
         mark(ctx, lease, g.name, "stopped")
         failpoint("cold-stopped")

@@ -275,7 +275,6 @@ class Signals:
 
     def __init__(self) -> None:
         self.received: str | None = None
-        self.event = threading.Event()
 
     def check(self) -> None:
         if self.received is not None:
@@ -285,14 +284,12 @@ class Signals:
     def deferred(self) -> Iterator[Signals]:
         """Install the handlers for the block (main thread only: Python delivers signals there)."""
         self.received = None
-        self.event.clear()
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
 
         def handler(signum: int, _frame: object) -> None:
             self.received = self.received or signal.Signals(signum).name
-            self.event.set()
 
         saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
