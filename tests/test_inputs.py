@@ -220,3 +220,24 @@ def test_report_in_a_file_keeps_its_headers(tmp_path: Path) -> None:
     header = next(line for line in res.stdout.splitlines() if "name" in line)
     for word in ("name", "image", "state", "accel", "ssh", "app"):
         assert word in header, header
+
+
+def test_a_long_cell_folds_instead_of_cutting_headers() -> None:
+    """The demo's report with a long error in its last column, written where it is not a terminal."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from orchestrator.cli.common import Table
+    headers = ("guest", "hostname", "OS before", "OS after", "downtime", "counter before", "counter after",
+               "overlay", "result")
+    t = Table(*headers, title="rolling warm swap v1 -> v2")
+    t.add_row("web1", "web1.example", "v1", "v2", "5.10s", "10", "11", "1.2 MiB", "swap failed: " + "x" * 400)
+    buf = StringIO()
+    Console(file=buf, width=200).print(t)
+    text = buf.getvalue()
+    assert "…" not in text, text
+    header = next(line for line in text.splitlines() if "guest" in line)
+    for h in headers:
+        assert h in header, header
+    assert "x" * 100 in text.replace("\n", "").replace("│", "").replace(" ", ""), "the long cell was cut"
