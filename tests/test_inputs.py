@@ -101,6 +101,8 @@ CASES: dict[str, Case] = {
                           "quiesce.grace"),
     "resize-fraction": Case(["guest", "resize", "g", "--disk", "os", "--size", "0.0001k"], 2, "invalid size"),
     "batch-zero": Case(["swap", "g", "--to", "x", "--batch", "0"], 2, "batch"),
+    "batch-huge": Case(["swap", "g", "--to", "x", "--batch", "100000"], 2, "batch must be in 1..64"),
+    "swap-too-many-guests": Case(["swap", *(f"g{i}" for i in range(1001)), "--to", "x"], 2, "at most 1000"),
     "max-failures-negative": Case(["swap", "g", "--to", "x", "--max-failures", "-1"], 2, "max-failures"),
     # stored state that is broken
     "guest-json-corrupt": Case(["guest", "ssh", "bad"], 6, "is broken (not JSON", setup=_guest_record("bad", '{"na')),
