@@ -10,8 +10,9 @@ import pytest
 
 from orchestrator import guests, swap
 from orchestrator.context import Context
-from orchestrator.customize import Customization, Quiesce
+from orchestrator.customize import Customization, Quiesce, live_script
 from orchestrator.images import lifecycle
+from orchestrator.swap import steps
 
 from .conftest import RUN_ID, gname
 from .writer import ConsoleWatch, Writer, check, read_records
@@ -73,3 +74,39 @@ def test_writer_holding_data_is_killed_after_the_grace(ctx: Context, golden: Non
     res, _ = _run(ctx, "qhold", V2, "warm", Writer(hold=True), grace=1)
     assert res.ok, res.error
     assert any(k.endswith(" sh") for k in res.killed), res.killed
+
+
+@pytest.mark.parametrize("image", ["tiny:v1", "debian:v1"])
+def test_quiesce_covers_data_and_a_rollback_in_place_uncovers_it(ctx: Context, image: str) -> None:
+    """The quiesce script on each family's userland (busybox; Debian's dash, GNU ls, mawk, systemd),
+    then what a rollback that never left the old OS does: the writer is kept out of /data meanwhile
+    and carries on afterwards without a lost or doubled record."""
+    w = Writer()
+    family = image.split(":")[0]
+    custom = Customization(quiesce=Quiesce(start=w.start_command(), grace=2))
+    g = guests.create(ctx, gname(f"qs-{family}"), image, custom=custom, data_size=64 << 20)
+    try:
+        guests.wait_ready(ctx, g, timeout=600)
+        with ConsoleWatch(g.console(ctx)) as watch:
+            w.start(ctx, g)
+            time.sleep(3)
+            res = steps.SwapResult(g.name, "warm", g.image, g.image, g.os_version)
+            t0 = time.monotonic()
+            steps.quiesce(ctx, g, res)
+            took = time.monotonic() - t0
+            with guests.session(ctx, g) as s:
+                r = s.run(["sh", "-c", "grep ' /data ' /proc/mounts; echo x >/data/probe"])
+            assert f"{steps.QUIESCED} /data tmpfs ro" in r.out and r.rc != 0, (r.out, r.err)
+            quiet = len(watch.synced)
+            time.sleep(2)
+            assert len(watch.synced) <= quiet + 1, "the writer synced records while /data was covered"
+            steps.guest_sh(ctx, g, steps.unquiesce(g) + live_script(g.custom(), g.name, g.data_uuid), "re-mount")
+            steps.start_workload(ctx, g)
+            time.sleep(4)
+            Writer.stop(ctx, g)
+            synced = watch.stop()
+        v = check(read_records(ctx, g), synced)
+        print(f"\n[measure] quiesce on {image}: {took:.2f}s, held={res.stopped} killed={res.killed}; {v}")
+        assert len(synced) > quiet + 5, "the writer did not carry on after /data came back"
+    finally:
+        guests.remove(ctx, g.name)
