@@ -243,3 +243,12 @@ def test_a_long_cell_folds_instead_of_cutting_headers() -> None:
     for h in headers:
         assert h in header, header
     assert "x" * 100 in text.replace("\n", "").replace("│", "").replace(" ", ""), "the long cell was cut"
+
+
+def test_a_record_from_before_quiesce_existed_has_no_drift() -> None:
+    from orchestrator import guests
+    from orchestrator.customize import Customization, Quiesce
+    old = {"image": "x", "customization": {"hostname": "a"}}
+    assert guests.config_drift(old, {"image": "x", "customization": Customization(hostname="a").to_dict()}) == []
+    changed = Customization(hostname="a", quiesce=Quiesce(stop="systemctl stop db")).to_dict()
+    assert guests.config_drift(old, {"image": "x", "customization": changed}) != []
