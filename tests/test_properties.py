@@ -233,16 +233,21 @@ def test_swap_arguments(batch: Part, failures: Part, strategy: Part) -> None:
 
 VERBS = [["guest", "list"], ["guest", "rm"], ["guest", "ssh"], ["guest", "resize"], ["image", "list"],
          ["image", "rm"], ["image", "inspect"], ["image", "verify"], ["swap"], ["swap", "--resume"],
-         ["fleet", "validate"], ["fleet", "status"]]
+         ["fleet", "validate"], ["fleet", "status"], ["fleet", "down"], ["image", "clone"], ["image", "snapshot"],
+         ["vios", "list"], ["vios", "stop"], ["vios", "lu", "add"], ["vios", "lu", "rm"], ["vios", "export"],
+         ["vios", "unexport"], ["vios", "attach"], ["vios", "detach"], ["vios", "failover"], ["cluster", "status"]]
 TOKENS = st.one_of(st.sampled_from(["--json", "--all", "--to", "--disk", "os", "data", "--size", "--batch",
-                                    "--dry-run", "--resume", "--timeout", "-1", "0", "1e999", "..", "/", "x"]),
+                                    "--dry-run", "--resume", "--timeout", "-1", "0", "1e999", "..", "/", "x",
+                                    "--role", "--node", "--via", "qmp", "--standby", "--readonly", "/dev/null"]),
                    st.text(max_size=30), st.text(min_size=100, max_size=300))
 
 
-@FAST
-@given(st.sampled_from(VERBS), st.lists(TOKENS, max_size=6))
-def test_any_arguments_to_any_verb_end_in_one_line_or_success(verb: list[str], rest: list[str]) -> None:
-    code, out, err = run_cli([*verb, *rest])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(VERBS), st.lists(st.sampled_from(["x", "g1", "lu1", "n1", "/dev/null"]), max_size=3),
+       st.lists(TOKENS, max_size=5))
+def test_any_arguments_to_any_verb_end_in_one_line_or_success(verb: list[str], names: list[str],
+                                                              rest: list[str]) -> None:
+    code, out, err = run_cli([*verb, *names, *rest])
     check_cli(code, out, err)
 
 
