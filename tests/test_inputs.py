@@ -87,6 +87,9 @@ CASES: dict[str, Case] = {
     "uri-unreachable": Case(["--uri", "qemu+unix:///system?socket=/nonexistent/sock", "guest", "rm", "x"], 5,
                             "cannot reach libvirtd"),
     "unknown-verb": Case(["frobnicate"], 2, "invalid choice"),
+    "store-url": Case(["--store", "foo://" + "x" * 10000, "image", "list"], 2, "invalid cluster store URL"),
+    "cache-is-file": Case(["guest", "list"], 2, "OSIMG_CACHE", env={"OSIMG_CACHE": "/etc/hostname"}),
+    "control-chars": Case(["guest", "rm", "a\x1b[31mb\nc"], 2, "invalid guest name"),
     "huge-argument": Case(["guest", "create", BIG, "--image", "tiny:v1"], 2, "invalid guest name"),
     # ranges of sizes, counts, vcpus, memory
     "vcpus-zero": Case(["guest", "create", "g", "--image", "tiny:v1", "--vcpus", "0"], 2, "vcpus 0 is outside"),
@@ -180,6 +183,7 @@ def test_bad_input_is_one_line_and_its_exit_code(case: Case, tmp_path: Path, cap
     else:
         lines = err.strip().splitlines()
         assert len(lines) == 1, err
+        assert "\x1b" not in err, "a terminal escape from the input reached the terminal"
         assert case.text in lines[0], lines[0]
         assert len(lines[0]) <= 400, f"{len(lines[0])} characters: values in messages must be cut short"
     after = _files(tmp_path)

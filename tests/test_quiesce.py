@@ -32,13 +32,13 @@ def golden(ctx: Context) -> Iterator[None]:
 
 
 def _run(ctx: Context, label: str, target: str, strategy: str, writer: Writer,
-         grace: float = 10) -> tuple[swap.SwapResult, int]:
+         grace: float = 10, source: str = "tiny:v1") -> tuple[swap.SwapResult, int]:
     """A guest running ``writer`` (restarted by its quiesce.start) is swapped; returns the result and
     how many records the checker found, after checking them."""
     custom = Customization(quiesce=Quiesce(start=writer.start_command(), grace=grace))
-    g = guests.create(ctx, gname(label), "tiny:v1", custom=custom, data_size=64 << 20)
+    g = guests.create(ctx, gname(label), source, custom=custom, data_size=64 << 20)
     try:
-        guests.wait_ready(ctx, g)
+        guests.wait_ready(ctx, g, timeout=600)
         with ConsoleWatch(g.console(ctx)) as watch:
             writer.start(ctx, g)
             time.sleep(3)
@@ -74,6 +74,14 @@ def test_writer_holding_data_is_killed_after_the_grace(ctx: Context, golden: Non
     res, _ = _run(ctx, "qhold", V2, "warm", Writer(hold=True), grace=1)
     assert res.ok, res.error
     assert any(k.endswith(" sh") for k in res.killed), res.killed
+
+
+def test_writer_loses_nothing_on_a_debian_warm_swap(ctx: Context) -> None:
+    """The issue's Debian case: systemd, dash, GNU tools; a warm swap v1 -> v2 with the writer running."""
+    target = f"q{RUN_ID}-deb2"
+    lifecycle.build(ctx, target, "debian:v2", boot_timeout=600)
+    res, _ = _run(ctx, "qdeb", target, "warm", Writer(), source="debian:v1")
+    assert res.ok, res.error
 
 
 @pytest.mark.parametrize("image", ["tiny:v1", "debian:v1"])
