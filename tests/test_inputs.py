@@ -256,3 +256,16 @@ def test_a_record_from_before_quiesce_existed_has_no_drift() -> None:
     assert guests.config_drift(old, {"image": "x", "customization": Customization(hostname="a").to_dict()}) == []
     changed = Customization(hostname="a", quiesce=Quiesce(stop="systemctl stop db")).to_dict()
     assert guests.config_drift(old, {"image": "x", "customization": changed}) != []
+
+
+def test_fleet_spec_carries_quiesce_to_the_customization(tmp_path: Path) -> None:
+    from orchestrator.customize import Customization
+    from orchestrator.fleet import spec as fleetspec
+    p = tmp_path / "f.yaml"
+    p.write_text("defaults: {quiesce: {stop: systemctl stop db, grace: 500ms}}\n"
+                 "guests:\n  - {name: a, image: tiny:v1}\n  - {name: b, image: tiny:v1, quiesce: {start: x}}\n")
+    a, b = fleetspec.load(p).guests
+    assert (a.custom.quiesce.stop, a.custom.quiesce.grace) == ("systemctl stop db", 0.5)
+    assert (b.custom.quiesce.stop, b.custom.quiesce.start, b.custom.quiesce.grace) == (None, "x", 10.0)
+    # what the guest record keeps comes back the same
+    assert Customization.from_dict(a.custom.to_dict()).quiesce == a.custom.quiesce
