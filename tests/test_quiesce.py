@@ -44,7 +44,11 @@ def _run(ctx: Context, label: str, target: str, strategy: str, writer: Writer,
             time.sleep(3)
             before = len(watch.synced)
             [res] = swap.rollout(ctx, swap.plan(ctx, [g.name], target, strategy))
-            time.sleep(3)  # the writer goes on, on the new OS or on the old one after the rollback
+            after = len(watch.synced)
+            # the writer goes on, on the new OS or on the old one after the rollback
+            deadline = time.monotonic() + 60
+            while len(watch.synced) < after + 10 and time.monotonic() < deadline:
+                time.sleep(0.5)
             g = guests.load(ctx, g.name)
             Writer.stop(ctx, g)
             synced = watch.stop()
@@ -65,8 +69,9 @@ def test_writer_loses_nothing_on_commit(ctx: Context, golden: None, strategy: st
     assert res.ok, res.error
 
 
-def test_writer_loses_nothing_on_rollback(ctx: Context, golden: None) -> None:
-    res, _ = _run(ctx, "qrb", BAD, "warm", Writer())
+@pytest.mark.parametrize("strategy", ["warm", "cold"])
+def test_writer_loses_nothing_on_rollback(ctx: Context, golden: None, strategy: str) -> None:
+    res, _ = _run(ctx, f"qrb-{strategy}", BAD, strategy, Writer())
     assert not res.ok and res.rolled_back, res
 
 
