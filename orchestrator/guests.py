@@ -473,6 +473,11 @@ def config_drift(recorded: dict[str, Any], wanted: dict[str, Any], only_given: b
             continue
         if k == "customization":
             a, b = recorded.get(k) or {}, wanted.get(k) or {}
+            # a record written before a field existed lacks it: it had the field's default
+            base = customize.Customization().to_dict()
+            a = {**base, **a}
+            if not only_given:
+                b = {**base, **b}
             out += [f"{ck}: {a.get(ck)!r} -> {b.get(ck)!r}" for ck in sorted(set(a) | set(b))
                     if a.get(ck) != b.get(ck) and not (only_given and b.get(ck) is None)]
         elif recorded.get(k) != wanted.get(k):

@@ -39,6 +39,8 @@ def short(value: object, limit: int = 80) -> str:
 
 def state_folder(value: str, what: str) -> Path:
     """A folder osimg may keep state in: a directory (or not there yet), not / nor a kernel pseudo file system."""
+    if "\0" in value:
+        raise ValidationError(f"{what} {short(value)}: not a valid path")
     path = Path(value).resolve()
     if path == Path("/") or any(path == p or path.is_relative_to(p) for p in PSEUDO_FS):
         raise ValidationError(f"{what} {short(value)}: not a place for osimg's state (/, /proc, /sys and /dev "

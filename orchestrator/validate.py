@@ -75,7 +75,7 @@ def ip_address(value: object, what: str = "address") -> ipaddress.IPv4Address:
 
 
 # -- sizes -----------------------------------------------------------------------------------------------
-SIZE_RE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,6})?)\s*([kmgt])?(?:i?b)?\s*$", re.IGNORECASE)
+SIZE_RE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,6})?)\s*([kmgt])?(?:i?b)?\s*$", re.IGNORECASE | re.ASCII)
 UNITS = {None: 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MAX_SIZE = 64 << 40
 
@@ -104,7 +104,7 @@ def parse_size(value: object, what: str = "size", lo: int = 1, hi: int = MAX_SIZ
     return n
 
 
-DURATION_RE = re.compile(r"^\s*(\d{1,6}(?:\.\d{1,3})?)\s*(ms|s|m)?\s*$")
+DURATION_RE = re.compile(r"^\s*(\d{1,6}(?:\.\d{1,3})?)\s*(ms|s|m)?\s*$", re.ASCII)
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 
 
@@ -177,7 +177,9 @@ def load_yaml_file(path: Path, what: str) -> Any:
         with open(path, "rb") as f:
             raw = f.read(MAX_YAML_BYTES + 1)
     except OSError as err:
-        raise ValidationError(f"{path}: cannot read {what}: {err.strerror}") from None
+        raise ValidationError(f"{short(str(path))}: cannot read {what}: {err.strerror}") from None
+    except ValueError:  # a NUL in the path (only an API caller can pass one; argv cannot)
+        raise ValidationError(f"{short(str(path))}: cannot read {what}: not a valid path") from None
     if len(raw) > MAX_YAML_BYTES:
         raise ValidationError(f"{path}: {what} is larger than {MAX_YAML_BYTES >> 20} MiB")
     try:

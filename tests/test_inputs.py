@@ -89,6 +89,9 @@ CASES: dict[str, Case] = {
     "uri-unreachable": Case(["--uri", "qemu+unix:///system?socket=/nonexistent/sock", "guest", "rm", "x"], 5,
                             "cannot reach libvirtd"),
     "unknown-verb": Case(["frobnicate"], 2, "invalid choice"),
+    "store-url": Case(["--store", "foo://" + "x" * 10000, "image", "list"], 2, "invalid cluster store URL"),
+    "cache-is-file": Case(["guest", "list"], 2, "OSIMG_CACHE", env={"OSIMG_CACHE": "/etc/hostname"}),
+    "control-chars": Case(["guest", "rm", "a\x1b[31mb\nc"], 2, "invalid guest name"),
     "huge-argument": Case(["guest", "create", BIG, "--image", "tiny:v1"], 2, "invalid guest name"),
     # ranges of sizes, counts, vcpus, memory
     "vcpus-zero": Case(["guest", "create", "g", "--image", "tiny:v1", "--vcpus", "0"], 2, "vcpus 0 is outside"),
@@ -103,6 +106,8 @@ CASES: dict[str, Case] = {
                           "quiesce.grace"),
     "resize-fraction": Case(["guest", "resize", "g", "--disk", "os", "--size", "0.0001k"], 2, "invalid size"),
     "batch-zero": Case(["swap", "g", "--to", "x", "--batch", "0"], 2, "batch"),
+    "batch-huge": Case(["swap", "g", "--to", "x", "--batch", "100000"], 2, "batch must be in 1..64"),
+    "swap-too-many-guests": Case(["swap", *(f"g{i}" for i in range(1001)), "--to", "x"], 2, "at most 1000"),
     "max-failures-negative": Case(["swap", "g", "--to", "x", "--max-failures", "-1"], 2, "max-failures"),
     # stored state that is broken
     "guest-json-corrupt": Case(["guest", "ssh", "bad"], 6, "is broken (not JSON", setup=_guest_record("bad", '{"na')),
@@ -180,6 +185,7 @@ def test_bad_input_is_one_line_and_its_exit_code(case: Case, tmp_path: Path, cap
     else:
         lines = err.strip().splitlines()
         assert len(lines) == 1, err
+        assert "\x1b" not in err, "a terminal escape from the input reached the terminal"
         assert case.text in lines[0], lines[0]
         assert len(lines[0]) <= 400, f"{len(lines[0])} characters: values in messages must be cut short"
     after = _files(tmp_path)
@@ -222,3 +228,46 @@ def test_report_in_a_file_keeps_its_headers(tmp_path: Path) -> None:
     header = next(line for line in res.stdout.splitlines() if "name" in line)
     for word in ("name", "image", "state", "accel", "ssh", "app"):
         assert word in header, header
+
+
+def test_a_long_cell_folds_instead_of_cutting_headers() -> None:
+    """The demo's report with a long error in its last column, written where it is not a terminal."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from orchestrator.cli.common import Table
+    headers = ("guest", "hostname", "OS before", "OS after", "downtime", "counter before", "counter after",
+               "overlay", "result")
+    t = Table(*headers, title="rolling warm swap v1 -> v2")
+    t.add_row("web1", "web1.example", "v1", "v2", "5.10s", "10", "11", "1.2 MiB", "swap failed: " + "x" * 400)
+    buf = StringIO()
+    Console(file=buf, width=200).print(t)
+    text = buf.getvalue()
+    assert "…" not in text, text
+    header = next(line for line in text.splitlines() if "guest" in line)
+    for h in headers:
+        assert h in header, header
+    assert "x" * 100 in text.replace("\n", "").replace("│", "").replace(" ", ""), "the long cell was cut"
+
+
+def test_a_record_from_before_quiesce_existed_has_no_drift() -> None:
+    from orchestrator import guests
+    from orchestrator.customize import Customization, Quiesce
+    old = {"image": "x", "customization": {"hostname": "a"}}
+    assert guests.config_drift(old, {"image": "x", "customization": Customization(hostname="a").to_dict()}) == []
+    changed = Customization(hostname="a", quiesce=Quiesce(stop="systemctl stop db")).to_dict()
+    assert guests.config_drift(old, {"image": "x", "customization": changed}) != []
+
+
+def test_fleet_spec_carries_quiesce_to_the_customization(tmp_path: Path) -> None:
+    from orchestrator.customize import Customization
+    from orchestrator.fleet import spec as fleetspec
+    p = tmp_path / "f.yaml"
+    p.write_text("defaults: {quiesce: {stop: systemctl stop db, grace: 500ms}}\n"
+                 "guests:\n  - {name: a, image: tiny:v1}\n  - {name: b, image: tiny:v1, quiesce: {start: x}}\n")
+    a, b = fleetspec.load(p).guests
+    assert (a.custom.quiesce.stop, a.custom.quiesce.grace) == ("systemctl stop db", 0.5)
+    assert (b.custom.quiesce.stop, b.custom.quiesce.start, b.custom.quiesce.grace) == (None, "x", 10.0)
+    # what the guest record keeps comes back the same
+    assert Customization.from_dict(a.custom.to_dict()).quiesce == a.custom.quiesce

@@ -24,9 +24,15 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (argparse prints the whole usage first) and cut short."""
 
     def error(self, message: str) -> NoReturn:
-        if len(message) > MAX_MESSAGE:
-            message = message[: MAX_MESSAGE - 3] + "..."
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: a user's value may carry line breaks or terminal escapes,
+    and may be megabytes long."""
+    line = "".join(c if c.isprintable() else " " if c.isspace() else repr(c)[1:-1] for c in message[:4 * MAX_MESSAGE])
+    line = " ".join(line.split())
+    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 3] + "..."
 
 NOUNS = {"guest": "client guests", "image": "the image repository", "recipe": "guest OS recipes in images/",
          "fleet": "guests declared in a YAML fleet spec", "vios": "VIOS storage-server nodes",
@@ -74,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(message: str, code: int) -> int:
     """The one form every error takes: one line on stderr (a value in it may be huge: cut), an exit code."""
-    line = " ".join(message.split())
-    if len(line) > MAX_MESSAGE:
-        line = line[: MAX_MESSAGE - 3] + "..."
-    err.print(f"osimg: error: {line}", markup=False, highlight=False, soft_wrap=True)
+    err.print(f"osimg: error: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
     return code
 
 

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from rich import table as rich_table
 from rich.console import Console
 
 from ..context import Context
@@ -24,6 +25,16 @@ out = Console(log_path=False, width=None if Console().is_terminal else 200)
 err = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 200)
 
 Handler = Callable[[Context, argparse.Namespace], int]
+
+
+class Table(rich_table.Table):
+    """A rich table whose headers are never cut ("count…"): a column is at least as wide as its
+    header, and a long cell (an error message) folds onto more lines instead of squeezing the rest."""
+
+    def __init__(self, *headers: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for h in headers:
+            self.add_column(h, min_width=len(h), overflow="fold")
 
 
 def emit_json(data: Any) -> None:

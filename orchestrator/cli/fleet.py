@@ -8,12 +8,10 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
-from rich.table import Table
-
 from ..context import Context
 from ..fleet import reconcile
 from ..fleet import spec as spec_mod
-from .common import add, emit_json, mib, out, status
+from .common import Table, add, emit_json, mib, out, status
 
 
 def register(nouns: dict[str, Any]) -> None:

@@ -6,12 +6,10 @@ import argparse
 import sys
 from typing import Any
 
-from rich.table import Table
-
 from .. import guests
 from ..context import Context
 from ..customize import Customization, Quiesce
-from .common import add, emit_json, mib, out, remove_each, size_arg, status
+from .common import Table, add, emit_json, mib, out, remove_each, size_arg, status
 
 
 def register(nouns: dict[str, Any]) -> None:

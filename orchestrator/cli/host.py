@@ -6,11 +6,9 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from rich.table import Table
-
 from .. import demo, doctor
 from ..context import Context
-from .common import add, emit_json, out
+from .common import Table, add, emit_json, out
 
 
 def register(nouns: dict[str, Any]) -> None:

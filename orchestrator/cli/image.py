@@ -9,12 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from .. import recipes
 from ..context import Context
 from ..images import catalog, lifecycle
-from .common import add, emit_json, err, out, remove_each, status
+from .common import Table, add, emit_json, err, out, remove_each, status
 
 
 def register(nouns: dict[str, Any]) -> None:

@@ -6,12 +6,10 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from rich.table import Table
-
 from .. import swap
 from ..context import Context
 from ..errors import SwapError, ValidationError
-from .common import add, emit_json, err, out, status
+from .common import Table, add, emit_json, err, out, status
 
 
 def register(nouns: dict[str, Any]) -> None:

@@ -6,13 +6,11 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from rich.table import Table
-
 from ..context import Context
 from ..vios import attach as attach_mod
 from ..vios import failover as failover_mod
 from ..vios import lus, node
-from .common import add, emit_json, out, status
+from .common import Table, add, emit_json, out, status
 
 
 def cmd_vios_start(ctx: Context, a: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from .spec import LIBVIRT, FleetSpec, GuestSpec, check_images
 
 KIND = "fleet"
 LOCK_WAIT = 10.0  # seconds another up/down of the same fleet may hold it before we give up
+MAX_PARALLEL = 32  # guests created at once (a thread each): a fleet of 1000 must not start 1000 threads
 
 
 @dataclass
@@ -219,7 +220,7 @@ def _wait(ctx: Context, spec: FleetSpec, actions: list[GuestAction], timeout: fl
 
     _ = ctx.hv.conn  # connect once, before the threads share the connection
     failures = []
-    with ThreadPoolExecutor(max_workers=len(actions)) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(actions), MAX_PARALLEL)) as pool:
         futures = [(a, pool.submit(ready, a)) for a in actions]
         for a, fut in futures:
             try:

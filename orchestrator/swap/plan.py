@@ -10,6 +10,8 @@ from ..errors import SwapError, ValidationError
 from ..images import catalog
 
 STRATEGIES = ("warm", "cold")
+MAX_BATCH = 64  # guests swapped at once, a thread each: more would only queue on libvirt and the disk
+MAX_GUESTS = 1000  # as in a fleet spec
 
 
 @dataclass
@@ -34,12 +36,14 @@ def plan(ctx: Context, guests: list[str], to_image: str, strategy: str = "warm",
     """Validate everything a rollout needs before any guest is touched."""
     if strategy not in STRATEGIES:
         raise ValidationError(f"unknown strategy {strategy!r}: use warm or cold")
-    if batch < 1:
-        raise ValidationError(f"batch must be at least 1, got {batch}")
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValidationError(f"batch must be in 1..{MAX_BATCH}, got {batch}")
     if max_failures < 1:
         raise ValidationError(f"max-failures must be at least 1, got {max_failures}")
     if not guests:
         raise ValidationError("no guests given")
+    if len(guests) > MAX_GUESTS:
+        raise ValidationError(f"{len(guests)} guests given; one rollout swaps at most {MAX_GUESTS}")
     if len(set(guests)) != len(guests):
         raise ValidationError("a guest is named twice")
     for g in guests:

@@ -69,26 +69,29 @@ QUIESCED = "osimg-quiesced"  # the source name of the read-only tmpfs that cover
 QUIESCE = r"""
 set -u
 M=$1; GRACE=$2; STOP=$3
-grep -q "^[^ ]* $M " /proc/mounts || { echo quiesced; exit 0; }
-grep -q "^QUIESCED $M " /proc/mounts && { echo quiesced; exit 0; }
-ppid() { while read -r k v; do [ "$k" = PPid: ] && { echo "$v"; return; }; done <"/proc/$1/status"; echo 0; }
+# few processes: under TCG each fork costs tens of milliseconds of downtime
+mounts=$(cat /proc/mounts)
+case "$mounts" in *" $M "*) ;; *) echo quiesced; exit 0;; esac
+case "$mounts" in *"QUIESCED $M "*) echo quiesced; exit 0;; esac
 # this script's own line of ancestors (the guest agent or the SSH session running it) is never touched
 anc=" 0 1 2 $$ "; p=$$
-while [ "$p" -gt 1 ]; do p=$(ppid "$p" 2>/dev/null || echo 0); anc="$anc$p "; done
-# processes with M (or a file under it) as working directory, root, open file or mapping
+while [ "$p" -gt 1 ]; do
+  q=0; while read -r k v; do [ "$k" = PPid: ] && { q=$v; break; }; done <"/proc/$p/status" || q=0
+  p=$q; anc="$anc$p "
+done
+# processes with M (or a file under it) as working directory, root, open file or mapping: "PID NAME"
 holders() {
-  { ls -l /proc/[0-9]*/cwd /proc/[0-9]*/root /proc/[0-9]*/fd 2>/dev/null | awk -v m="$M" '
-      /^\/proc\/[0-9]+\/fd:$/ { split($0, a, "/"); pid = a[3]; next }
-      / -> / { i = index($0, " -> "); t = substr($0, i + 4); src = substr($0, 1, i - 1)
-               if (match(src, /\/proc\/[0-9]+\/(cwd|root)$/)) { split(substr(src, RSTART), a, "/"); p = a[3] }
-               else p = pid
-               if (t == m || index(t, m "/") == 1) print p }'
-    grep -l " $M/" /proc/[0-9]*/maps 2>/dev/null | cut -d/ -f3; } | sort -u | while read -r p; do
-      case "$anc" in *" $p "*) ;; *) echo "$p";; esac
-    done
+  ls -l /proc/[0-9]*/cwd /proc/[0-9]*/root /proc/[0-9]*/fd 2>/dev/null | awk -v m="$M" -v anc="$anc" '
+    function hit(p) { if (index(anc, " " p " ") == 0 && !(p in seen)) { seen[p] = 1
+        c = "?"; if ((getline c < ("/proc/" p "/comm")) <= 0) c = "?"; close("/proc/" p "/comm"); print p, c } }
+    FILENAME !~ /maps$/ && /^\/proc\/[0-9]+\/fd:$/ { split($0, a, "/"); pid = a[3]; next }
+    FILENAME !~ /maps$/ && / -> / { i = index($0, " -> "); t = substr($0, i + 4); src = substr($0, 1, i - 1)
+        p = pid; if (match(src, /\/proc\/[0-9]+\/(cwd|root)$/)) { split(substr(src, RSTART), a, "/"); p = a[3] }
+        if (t == m || index(t, m "/") == 1) hit(p); next }
+    FILENAME ~ /maps$/ && index($0, " " m "/") { split(FILENAME, a, "/"); hit(a[3]) }
+  ' - /proc/[0-9]*/maps 2>/dev/null
 }
-name() { n=; read -r n <"/proc/$1/comm" 2>/dev/null; echo "${n:-?}"; }
-for p in $(holders); do echo "held $p $(name "$p")"; done
+holders | while read -r p c; do echo "held $p $c"; done
 [ -n "$STOP" ] && { sh -c "$STOP" </dev/null >/dev/null 2>&1 || echo "stop command failed: $?" >&2; }
 [ -x /usr/sbin/osimg-app ] && /usr/sbin/osimg-app stop >/dev/null 2>&1
 sync
@@ -99,18 +102,18 @@ freeze() { frozen=; for d in /proc/[0-9]*; do p=${d#/proc/}; case "$anc" in *" $
   done; [ -n "$frozen" ] && kill -STOP $frozen 2>/dev/null; }
 thaw() { [ -n "$frozen" ] && kill -CONT $frozen 2>/dev/null; frozen=; }
 trap thaw EXIT
-end=$(( $(date +%s) + GRACE )); killed=0
+n=0; rounds=$((GRACE * 10))  # a round sleeps 0.1 s and takes longer: the grace is at least GRACE seconds
 while :; do
   freeze
   if umount "$M" 2>/dev/null; then
     mount -t tmpfs -o ro,size=4k,mode=0555 QUIESCED "$M"; thaw; echo quiesced; exit 0
   fi
-  if [ "$(date +%s)" -ge "$end" ]; then
-    [ "$killed" -gt 50 ] && { thaw; echo "$M stays busy: $(holders | tr '\n' ' ')" >&2; exit 1; }
-    for p in $(holders); do echo "killed $p $(name "$p")"; kill -KILL "$p" 2>/dev/null; done
-    killed=$((killed + 1))
+  if [ "$n" -ge "$rounds" ]; then
+    [ "$n" -gt $((rounds + 50)) ] && { thaw; echo "$M stays busy: $(holders | tr '\n' ' ')" >&2; exit 1; }
+    holders | while read -r p c; do echo "killed $p $c"; kill -KILL "$p" 2>/dev/null; done
   fi
   thaw
+  n=$((n + 1))
   sleep 0.1
 done
 """.replace("QUIESCED", QUIESCED)
