@@ -6,6 +6,7 @@ Both are needed by every operation layer (swap, fleet, image builds, VIOS); they
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections.abc import Callable
 
@@ -18,16 +19,23 @@ def quiet(_msg: str) -> None:
     return None
 
 
-def holder_id(pid: int | None = None) -> str:
-    """This process (or process ``pid`` on this host) as a lock holder: host name and PID, cut to
-    the store's limit.
+def holder_id(pid: int | None = None, tag: str = "") -> str:
+    """This process (or process ``pid`` on this host) as a lock holder: host name, an optional tag
+    and the PID, cut to the store's limit.
 
     The PID stays at the end, whole, because it is what tells two orchestrators on one host apart;
-    a long host name is what gets cut.
+    a long host name is what gets cut. ``tag`` tells apart two lock takers in one process (two
+    swaps of one guest from two threads): taking a lock one holds only refreshes it, so each needs
+    its own holder id (``call_holder_id``).
     """
-    tail = f"-{os.getpid() if pid is None else pid}"
+    tail = f"-{tag}-{os.getpid() if pid is None else pid}" if tag else f"-{os.getpid() if pid is None else pid}"
     host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname()) or "host"
     return (host[: HOLDER_MAX - len(tail)] + tail).lstrip("._-") or f"pid{tail}"
+
+
+def call_holder_id() -> str:
+    """A holder id of this process unique to one call (see ``holder_id``)."""
+    return holder_id(tag=secrets.token_hex(3))
 
 
 def dead_local_holder(holder: str) -> bool:
@@ -35,7 +43,9 @@ def dead_local_holder(holder: str) -> bool:
 
     Its locks need not wait for their lease to run out. A PID reused since only makes us wait.
     """
-    pid = holder.rsplit("-", 1)[-1]
-    if not pid.isdigit() or holder != holder_id(int(pid)) or int(pid) == os.getpid():
+    parts = holder.rsplit("-", 2)
+    pid = parts[-1]
+    tag = parts[-2] if len(parts) == 3 and len(parts[-2]) == 6 else ""
+    if not pid.isdigit() or holder not in (holder_id(int(pid)), holder_id(int(pid), tag)) or int(pid) == os.getpid():
         return False
     return not os.path.exists(f"/proc/{pid}")

@@ -84,8 +84,13 @@ class SqliteStore(ClusterStore):
         self._timeout = timeout
         self._mutex = threading.RLock()
         try:
-            # root's alone from its first byte: the store holds every record osimg trusts to act on
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_MODE))
+            # root's alone from its first byte: the store holds every record osimg trusts to act on.
+            # Only a new file is opened here: closing any descriptor of a database file drops every
+            # POSIX lock this process holds on it, so opening an existing store beside another
+            # connection of this process (a parallel swap's own context) would break its locking.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE))
+        except FileExistsError:
+            pass
         except OSError as err:
             raise ClusterError(f"cannot open cluster store {self.url}: {err.strerror}") from None
         try:

@@ -55,7 +55,7 @@ from ..cluster.store import Lease
 from ..context import Context
 from ..errors import ClusterError, OsimgError, SwapError, ValidationError
 from ..images import catalog
-from ..process import Progress, dead_local_holder, holder_id, quiet
+from ..process import Progress, call_holder_id, dead_local_holder, quiet
 from ..validate import name as valid_name
 from ..validate import short
 from . import journal
@@ -117,7 +117,7 @@ def swap_guest(ctx: Context, name: str, to_image: str, strategy: str = "warm",
     res = SwapResult(name, strategy, g.image, to_image, g.os_version)
     target = catalog.resolve(ctx, to_image)
     try:
-        with ctx.store.lock(journal.lock_name(name), holder_id(), journal.LOCK_TTL) as lease:
+        with ctx.store.lock(journal.lock_name(name), call_holder_id(), journal.LOCK_TTL) as lease:
             if journal.get(ctx, name) is not None:
                 journal.raise_unfinished(name)
             if ctx.hv.state(name) != "running":
@@ -198,7 +198,7 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
                 # killed on this host: its lease would only run out; it can act no more (fencing)
                 progress(f"{name}: {holder} is gone; taking over its lock")
                 ctx.store.release_lock(journal.lock_name(name), holder)
-            with ctx.store.lock(journal.lock_name(name), holder_id(), journal.LOCK_TTL,
+            with ctx.store.lock(journal.lock_name(name), call_holder_id(), journal.LOCK_TTL,
                                 wait=journal.LOCK_TTL + 5) as lease:
                 rec = journal.get(ctx, name)
                 if rec is None:

@@ -12,7 +12,7 @@ from ..errors import ClusterError, SwapError
 from ..failpoints import failpoint
 from ..host import qemu_img
 from ..images import catalog
-from ..process import Progress, holder_id
+from ..process import Progress
 from . import journal
 from .steps import (
     SwapResult,
@@ -38,7 +38,7 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
     new_overlay = new_overlay_name(target.ref)
     new = moved(g, target, new_overlay)
     journal.begin(ctx, lease, g.name, strategy="cold", from_image=g.image, to_image=target.ref, old=asdict(old),
-                  new=asdict(new), files=[new_overlay], holder=holder_id(), started=time.time())
+                  new=asdict(new), files=[new_overlay], holder=lease.fence.holder, started=time.time())
     failpoint("cold-preparing")
     try:
         qemu_img.create_overlay(g.dir(ctx) / new_overlay, target.disk)

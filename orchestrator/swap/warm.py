@@ -19,7 +19,7 @@ from ..failpoints import failpoint
 from ..host import qemu_img
 from ..host.domain import retarget_saved_state, rewrite_identity
 from ..images import catalog
-from ..process import Progress, holder_id
+from ..process import Progress
 from . import journal
 from .steps import (
     PAGEIN_FILE,
@@ -52,7 +52,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
     new = moved(g, target, new_overlay)
     files = [new_overlay, PAGEIN_FILE]
     journal.begin(ctx, lease, g.name, strategy="warm", from_image=g.image, to_image=target.ref, old=asdict(old),
-                  new=asdict(new), files=files, snapshot=ROLLBACK_SNAPSHOT, holder=holder_id(),
+                  new=asdict(new), files=files, snapshot=ROLLBACK_SNAPSHOT, holder=lease.fence.holder,
                   started=time.time())
     failpoint("warm-preparing")
     # everything that costs time happens before the application stops
