@@ -2,7 +2,8 @@
 
 Off unless the environment variable ``OSIMG_FAILPOINT`` names a point: ``NAME`` or ``NAME=kill``
 SIGKILLs this process there (a crash: no cleanup, no ``finally``), ``NAME=error`` raises an
-OSError there (an unexpected failure, like a full disk). Several points are separated by commas,
+OSError there (an unexpected failure, like a full disk), ``NAME=stop`` stops this process there
+(SIGSTOP: a test changes the world, e.g. restarts libvirtd, then sends SIGCONT). Several points are separated by commas,
 e.g. ``warm-paged-in=error,rollback-reverted`` fails a swap and then kills its rollback.
 
 Every journaled step and every gap between the file operations of commit and rollback calls
@@ -16,7 +17,7 @@ import os
 import signal
 
 ENV = "OSIMG_FAILPOINT"
-ACTIONS = ("kill", "error")
+ACTIONS = ("kill", "error", "stop")
 
 
 def armed() -> dict[str, str]:
@@ -30,7 +31,7 @@ def armed() -> dict[str, str]:
 
 
 def failpoint(name: str) -> None:
-    """Die (SIGKILL) or fail (OSError) here if the environment asks for it; otherwise nothing."""
+    """Die (SIGKILL), fail (OSError) or pause (SIGSTOP) here if the environment asks; otherwise nothing."""
     if ENV not in os.environ:
         return
     action = armed().get(name)
@@ -38,3 +39,5 @@ def failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "error":
         raise OSError(f"failpoint {name}: injected failure")
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -402,3 +402,67 @@ def test_store_down_longer_than_the_lease_stops_the_swap_where_it_stands(
     finally:
         os.kill(etcd_pid, signal.SIGCONT)
         subprocess.run([ETCD_SH, "stop", str(etcd_pid)], timeout=30, check=False)
+
+
+def _wait_stopped(pid: int, timeout: float = 300) -> None:
+    """Until process ``pid`` stands still (a ``NAME=stop`` failpoint), or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} never reached its failpoint")
+
+
+def _restart_libvirtd(ctx: Context) -> None:
+    """Stop libvirtd and start it again the way scripts/run.sh does (its guests keep running)."""
+    pidfile = ctx.settings.cache / "daemons" / "libvirtd.pid"
+    old = int(pidfile.read_text().strip())
+    os.kill(old, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/{old}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{old}"), "libvirtd did not stop"
+    with open(pidfile.parent / "libvirtd.log", "ab") as log:
+        subprocess.Popen(["tini", "-s", "--", "libvirtd", "-p", str(pidfile)], stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
+                          timeout=10).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("libvirtd did not come back")
+
+
+@pytest.mark.guest
+def test_libvirtd_restarted_mid_swap(ctx: Context, crash_guests: dict[str, guests.Guest]) -> None:
+    """libvirtd restarts while a warm swap stands in its downtime window (old OS paged out, new one
+    not yet in): the orchestrator's connection dies under it. It must carry on or roll back over a
+    new connection (or leave a journal that a resume finishes), and the guest must come back whole
+    on exactly one OS with its data."""
+    pidfile = ctx.settings.cache / "daemons" / "libvirtd.pid"
+    if not pidfile.exists():
+        pytest.skip("libvirtd was not started by scripts/run.sh (no pid file to restart it by)")
+    g = guests.load(ctx, crash_guests["warm"].name)
+    history = _history(ctx, g, add="before-libvirtd-restart")
+    proc = _swap_cli(g, V2 if g.image == V1 else V1, "warm", spec="warm-paged-out=stop")
+    try:
+        _wait_stopped(proc.pid)
+        _restart_libvirtd(ctx)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    assert "Traceback" not in err, err
+    [r] = json.loads(out)
+    if r["ok"]:  # carried on over a new connection
+        assert proc.returncode == 0, (r, err)
+    elif r["rolled_back"]:
+        assert proc.returncode == 8, (r, err)
+    else:  # the rollback could not finish: the journal must say what to do
+        assert proc.returncode == 8 and "osimg swap --resume" in err.strip().splitlines()[-1], (r, err)
+        res = osimg("swap", "--resume", "--json")
+        assert res.returncode in (0, 8) and "Traceback" not in res.stderr, res
+    print(f"\n[measure] libvirtd restarted at warm-paged-out: ok={r['ok']} rolled_back={r['rolled_back']}")
+    _check_whole(ctx, g, history, {x.name for x in crash_guests.values()})

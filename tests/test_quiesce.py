@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -43,7 +44,9 @@ def _run(ctx: Context, label: str, target: str, strategy: str, writer: Writer,
             writer.start(ctx, g)
             time.sleep(3)
             before = len(watch.synced)
-            [res] = swap.rollout(ctx, swap.plan(ctx, [g.name], target, strategy))
+            p = swap.plan(ctx, [g.name], target, strategy)
+            # the bad image's application never answers: a short health wait is enough to see it
+            [res] = swap.rollout(ctx, replace(p, health_timeout=20.0) if target == BAD else p)
             after = len(watch.synced)
             # the writer goes on, on the new OS or on the old one after the rollback
             deadline = time.monotonic() + 60

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from .conftest import HOME, RUN_ID, gname, osimg
 pytestmark = pytest.mark.guest
 
 V1, V2, BAD = f"s{RUN_ID}-v1", f"s{RUN_ID}-v2", f"s{RUN_ID}-v2bad"
+BAD_WAIT = 20.0  # health wait for the bad image, whose application never answers (the default is 120 s)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,8 @@ def test_failed_health_check_rolls_back_with_counter_intact(ctx: Context, guest:
     marker = _marker(ctx, guest)
     before = guests.app_counter(guest.app_port)
     assert before is not None
-    [res] = swap.rollout(ctx, swap.plan(ctx, [guest.name], BAD, "warm"))
+    # the bad image's application never answers: a short health wait is enough to see it
+    [res] = swap.rollout(ctx, replace(swap.plan(ctx, [guest.name], BAD, "warm"), health_timeout=BAD_WAIT))
     assert not res.ok and res.rolled_back, res
     assert "application" in (res.error or "")
     assert _inside(ctx, guest.name) == ("v1", marker)
@@ -121,8 +124,8 @@ def test_failed_health_check_rolls_back_with_counter_intact(ctx: Context, guest:
 def test_rollout_stops_after_max_failures(ctx: Context, guest: guests.Guest) -> None:
     second = _guest(ctx, "second")
     try:
-        results = swap.rollout(ctx, swap.plan(ctx, [guest.name, second.name], BAD, "warm", batch=1,
-                                              max_failures=1))
+        results = swap.rollout(ctx, replace(swap.plan(ctx, [guest.name, second.name], BAD, "warm", batch=1,
+                                                      max_failures=1), health_timeout=BAD_WAIT))
         assert [r.rolled_back for r in results] == [True, False]
         assert results[1].skipped and "not attempted" in (results[1].error or "")
         for g in (guest, second):

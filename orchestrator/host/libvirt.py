@@ -63,6 +63,10 @@ class Hypervisor:
     # -- connection -------------------------------------------------------------------------------
     @property
     def conn(self) -> libvirt.virConnect:
+        """The connection, opened again if libvirtd went away under it (a restarted libvirtd keeps
+        its guests running; a swap in its downtime window must still be able to roll back)."""
+        if self._conn is not None and not self._alive(self._conn):
+            self.close()
         if self._conn is None:
             try:
                 self._conn = libvirt.open(self.uri)
@@ -72,6 +76,13 @@ class Hypervisor:
                     "(start it with 'libvirtd -d' or 'make setup')"
                 ) from None
         return self._conn
+
+    @staticmethod
+    def _alive(conn: libvirt.virConnect) -> bool:
+        try:
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
 
     def close(self) -> None:
         if self._conn is not None:
@@ -89,9 +100,20 @@ class Hypervisor:
             "uri": self.conn.getURI(),
         }
 
-    def _dom(self, name: str) -> libvirt.virDomain:
+    def _lookup(self, name: str) -> libvirt.virDomain:
+        """``lookupByName``, once more over a new connection if libvirtd went away under the old one
+        (the client only notices at its next call; every domain operation starts with a lookup)."""
         try:
             return self.conn.lookupByName(name)
+        except libvirt.libvirtError:
+            if self._conn is None or self._alive(self._conn):
+                raise
+            self.close()
+            return self.conn.lookupByName(name)
+
+    def _dom(self, name: str) -> libvirt.virDomain:
+        try:
+            return self._lookup(name)
         except libvirt.libvirtError as err:
             if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise NotFoundError(f"no libvirt domain named {name!r} on {self.uri}") from None
@@ -107,13 +129,19 @@ class Hypervisor:
                 msg += " (virtlogd is not running: start it with 'virtlogd -d', or run 'bash scripts/run.sh setup')"
             raise HypervisorError(f"{what}: {msg}") from None
 
+    def _find(self, name: str) -> libvirt.virDomain | None:
+        """The domain, or None if libvirt has none of that name. Any other failure (libvirtd gone)
+        is an error, never "not there": a rollback must not take a lost connection for a lost guest."""
+        try:
+            return self._lookup(name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"{name}: {err.get_error_message()}") from None
+
     # -- inventory --------------------------------------------------------------------------------
     def exists(self, name: str) -> bool:
-        try:
-            self.conn.lookupByName(name)
-            return True
-        except libvirt.libvirtError:
-            return False
+        return self._find(name) is not None
 
     def list_domains(self) -> list[DomainInfo]:
         out = []
@@ -169,10 +197,11 @@ class Hypervisor:
             d.create()
 
     def is_active(self, name: str) -> bool:
-        try:
-            return bool(self.conn.lookupByName(name).isActive())
-        except libvirt.libvirtError:
+        d = self._find(name)
+        if d is None:
             return False
+        with self._calling(f"{name}: state"):
+            return bool(d.isActive())
 
     def state(self, name: str) -> str:
         d = self._dom(name)
@@ -193,9 +222,8 @@ class Hypervisor:
 
     def destroy(self, name: str) -> None:
         """Hard power-off; a no-op when the domain is gone or already off."""
-        try:
-            d = self.conn.lookupByName(name)
-        except libvirt.libvirtError:
+        d = self._find(name)
+        if d is None:
             return
         self._check_owner(d, name)
         with contextlib.suppress(libvirt.libvirtError):
@@ -205,9 +233,8 @@ class Hypervisor:
     def undefine(self, name: str) -> None:
         """Destroy and remove the definition with its snapshot and managed-save metadata."""
         self.destroy(name)
-        try:
-            d = self.conn.lookupByName(name)
-        except libvirt.libvirtError:
+        d = self._find(name)
+        if d is None:
             return
         flags = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
         with contextlib.suppress(libvirt.libvirtError):

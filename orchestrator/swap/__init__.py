@@ -92,7 +92,7 @@ def rollout(ctx: Context, p: Plan, progress: Progress = quiet) -> list[SwapResul
                 continue
             progress(f"batch {bi}/{len(p.batches)}: {', '.join(group)}")
             if len(group) == 1:
-                batch_results = [swap_guest(ctx, group[0], p.to_image, p.strategy, progress)]
+                batch_results = [swap_guest(ctx, group[0], p.to_image, p.strategy, progress, p.health_timeout)]
             else:
                 with ThreadPoolExecutor(max_workers=len(group)) as pool:
                     batch_results = list(pool.map(lambda g: _swap_in_own_context(ctx, g, p, progress), group))
@@ -105,7 +105,7 @@ def _swap_in_own_context(ctx: Context, guest: str, p: Plan, progress: Progress) 
     """libvirt connections and store handles are per thread: each parallel swap gets its own."""
     own = Context(ctx.settings)
     try:
-        return swap_guest(own, guest, p.to_image, p.strategy, progress)
+        return swap_guest(own, guest, p.to_image, p.strategy, progress, p.health_timeout)
     finally:
         own.close()
 

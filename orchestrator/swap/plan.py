@@ -22,6 +22,8 @@ class Plan:
     batch: int
     max_failures: int
     batches: list[list[str]]
+    # how long each swapped guest's application may take to answer before the swap rolls back
+    health_timeout: float = 120.0
 
     def describe(self) -> list[str]:
         lines = [f"swap {len(self.guests)} guest(s) to {self.to_image} ({self.strategy}), batch {self.batch}, "
