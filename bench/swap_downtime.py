@@ -4,8 +4,9 @@
 For each image family (tiny, debian): golden images v1 and v2 are built, 3 guests with data volumes
 are provisioned on v1, and then on the same guests:
   warm v1 -> v2 (measured), warm v2 -> v1 (reset, not measured), cold v1 -> v2 (measured).
-A probe thread asks each guest's application for its counter every 50 ms; downtime is the gap
-between the last answer before the swap and the first one after it. Also: rollout time of 4 tiny
+A probe asks each guest's application for its counter every 50 ms (overlapping requests); downtime
+is the gap between the last prompt answer before the swap and the first one after it, printed
+beside the orchestrator's own figure (the two must agree). Also: rollout time of 4 tiny
 guests with batch 1 vs batch 2. Ratios are printed last.
 
 usage: .venv/bin/python bench/swap_downtime.py [--families tiny,debian] [--guests 3]
@@ -28,37 +29,52 @@ from orchestrator.images import lifecycle
 from orchestrator.settings import SOURCE_ROOT
 
 PROBE_EVERY = 0.05
+MAX_INFLIGHT = 8
 SLOW = 0.5  # an answer slower than this was held during an outage (healthy: ~0.05 s tiny, ~0.2 s Debian)
 
 
 class Probe:
-    """Polls one guest's application every 50 ms (or as soon as the previous answer came back).
+    """Asks one guest's application for its counter every 50 ms, each request in its own thread.
 
-    An answer counts only if it came back within ``SLOW`` of its request: while a guest is paused
-    or being torn down, QEMU's user-mode network accepts the connection and the request waits,
-    then is answered late by whichever OS runs by then. Counting such late answers made the probe
-    report 0.1 s for warm swaps whose application was unreachable for about 2 s (the orchestrator's
-    own figure): a benchmark that disagreed with itself.
+    Requests overlap: one request sent during an outage may wait seconds (QEMU's user-mode network
+    accepts the connection while the guest is paused or gone), and a probe that waited for it
+    would miss the moment the application came back. An answer counts only if it came back
+    within ``SLOW`` of its request: a late answer to a held request says nothing about when the
+    application answered again. At most ``MAX_INFLIGHT`` requests are open at once, so a slow
+    guest is not buried under abandoned requests.
     """
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.ok: list[float] = []
         self.late: list[tuple[float, float]] = []  # (sent, answered) of answers slower than SLOW
+        self._inflight = 0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t = time.monotonic()
-            # one request at a time, never abandoned: abandoned requests would pile up in a slow guest
+    def _one(self, sent: float) -> None:
+        try:
             if guests.app_counter(self.port, timeout=3.0) is not None:
                 done = time.monotonic()
-                if done - t <= SLOW:
-                    self.ok.append(done)
-                else:
-                    self.late.append((t, done))
-            self._stop.wait(max(0.0, PROBE_EVERY - (time.monotonic() - t)))
+                with self._lock:
+                    if done - sent <= SLOW:
+                        self.ok.append(done)
+                    else:
+                        self.late.append((sent, done))
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                room = self._inflight < MAX_INFLIGHT
+                if room:
+                    self._inflight += 1
+            if room:
+                threading.Thread(target=self._one, args=(time.monotonic(),), daemon=True).start()
+            self._stop.wait(PROBE_EVERY)
 
     def __enter__(self) -> Probe:
         self._t.start()
@@ -68,9 +84,14 @@ class Probe:
         self._stop.set()
         self._t.join()
 
+    def answered_after(self, t: float) -> int:
+        with self._lock:
+            return sum(x > t for x in self.ok)
+
     def downtime(self, start: float) -> float:
         """Longest gap between prompt answers from just before ``start`` on."""
-        pts = [t for t in self.ok if t >= start - 1.0]
+        with self._lock:
+            pts = sorted(t for t in self.ok if t >= start - 1.0)
         gaps = [b - a for a, b in itertools.pairwise(pts)]
         return max(gaps) if gaps else float("nan")
 
@@ -92,9 +113,9 @@ def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> float:
         # it has prompt answers from the new OS, or the gap would end at the last answer before
         # the swap (that made warm AND cold swaps look 0.1 s long)
         end = time.monotonic()
-        while sum(t > end for t in p.ok) < 3 and time.monotonic() < end + 30:
+        while p.answered_after(end) < 3 and time.monotonic() < end + 30:
             time.sleep(0.05)
-    seen = p.downtime(start) if sum(t > end for t in p.ok) >= 3 else float("nan")
+    seen = p.downtime(start) if p.answered_after(end) >= 3 else float("nan")
     agree = "agree" if r.downtime is not None and abs(seen - r.downtime) <= max(0.5, 0.25 * r.downtime) \
         else "DISAGREE"
     print(f"    {strategy} {guest}: probe {seen:.3f}s, orchestrator {r.downtime}s ({agree}); "

@@ -17,7 +17,7 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # 1. Debian packages (apt-get update only when something is missing)
 PKGS="qemu-system-x86 qemu-utils qemu-block-extra libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-gcc libc6-dev python3-venv busybox-static linux-image-cloud-amd64 e2fsprogs cpio openssh-client mmdebstrap curl tini"
+gcc libc6-dev python3-venv busybox-static linux-image-cloud-amd64 e2fsprogs cpio openssh-client openssl mmdebstrap curl tini"
 missing=$(for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   log "installing Debian packages: $(echo $missing)"
