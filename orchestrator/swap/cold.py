@@ -8,7 +8,7 @@ from dataclasses import asdict
 from .. import guests
 from ..cluster.store import Lease
 from ..context import Context
-from ..errors import ClusterError, SwapError
+from ..errors import ClusterError
 from ..failpoints import failpoint
 from ..host import qemu_img
 from ..images import catalog
@@ -16,14 +16,13 @@ from ..process import Progress
 from . import journal
 from .steps import (
     SwapResult,
-    describe,
-    discard,
     finish,
     health,
     mark,
     moved,
     new_overlay_name,
     persistent_xml,
+    preparing,
     quiesce,
     roll_back,
     start_workload,
@@ -40,17 +39,12 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
     journal.begin(ctx, lease, g.name, strategy="cold", from_image=g.image, to_image=target.ref, old=asdict(old),
                   new=asdict(new), files=[new_overlay], holder=lease.fence.holder, started=time.time())
     failpoint("cold-preparing")
-    try:
+    with preparing(ctx, lease, g.dir(ctx), [new_overlay], g.name, "cold"):
         qemu_img.create_overlay(g.dir(ctx) / new_overlay, target.disk)
         failpoint("cold-overlay-created")
         res.counter_before = guests.app_counter(g.app_port)
         mark(ctx, lease, g.name, journal.PREPARED)
         failpoint("cold-prepared")
-    except ClusterError:
-        raise
-    except Exception as err:  # nothing was touched yet: clean up, whatever failed
-        discard(ctx, lease, g.dir(ctx), [new_overlay], g.name)
-        raise SwapError(f"cold swap of {g.name} not started: {describe(err)}; the guest was not touched") from None
     down = time.monotonic()
     try:
         # journaled first: a resume from 'prepared' only removes files and expects the workload running

@@ -319,6 +319,19 @@ def discard(ctx: Context, lease: Lease, gdir: Path, files: list[str], name: str)
     journal.drop(ctx, lease, name)
 
 
+@contextlib.contextmanager
+def preparing(ctx: Context, lease: Lease, gdir: Path, files: list[str], name: str, strategy: str) -> Iterator[None]:
+    """The part of a swap before the guest is touched: whatever fails in it (a store failure aside,
+    which leaves the journal to resume) removes the files it made and says the guest was not touched."""
+    try:
+        yield
+    except ClusterError:
+        raise
+    except Exception as err:  # nothing was touched yet: clean up, whatever failed
+        discard(ctx, lease, gdir, files, name)
+        raise SwapError(f"{strategy} swap of {name} not started: {describe(err)}; the guest was not touched") from None
+
+
 def roll_back(ctx: Context, lease: Lease, res: SwapResult, old: guests.Guest, new_overlay: str,
               err: BaseException, progress: Progress) -> None:
     """A failure in the downtime window: roll back; if that fails too, report both and keep the journal."""

@@ -25,14 +25,13 @@ from .steps import (
     PAGEIN_FILE,
     ROLLBACK_SNAPSHOT,
     SwapResult,
-    describe,
-    discard,
     finish,
     guest_sh,
     health,
     mark,
     moved,
     new_overlay_name,
+    preparing,
     quiesce,
     reseed,
     roll_back,
@@ -56,7 +55,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
                   started=time.time())
     failpoint("warm-preparing")
     # everything that costs time happens before the application stops
-    try:
+    with preparing(ctx, lease, gdir, files, g.name, "warm"):
         progress(f"{g.name}: preparing page-in of {target.ref}")
         qemu_img.create_overlay(gdir / new_overlay, target.disk)
         failpoint("warm-overlay-created")
@@ -67,11 +66,6 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         res.counter_before = guests.app_counter(g.app_port)
         mark(ctx, lease, g.name, journal.PREPARED)
         failpoint("warm-prepared")
-    except ClusterError:
-        raise
-    except Exception as err:  # nothing was touched yet: clean up, whatever failed
-        discard(ctx, lease, gdir, files, g.name)
-        raise SwapError(f"warm swap of {g.name} not started: {describe(err)}; the guest was not touched") from None
     step(res, "prepare", t0)
 
     down = time.monotonic()
