@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ValidationError
+from .validate import short
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = SOURCE_ROOT / "images"
@@ -29,12 +30,6 @@ DEFAULT_CACHE = "/var/cache/osimg"  # FHS: regenerable data of a root tool, shar
 QEMU_USER = "libvirt-qemu"  # Debian's user for libvirt's QEMU processes
 URI_RE = re.compile(r"^[a-z][a-z0-9+]*:///?[^\s]*$")
 PSEUDO_FS = (Path("/proc"), Path("/sys"), Path("/dev"))
-
-
-def short(value: object, limit: int = 80) -> str:
-    """``repr`` cut short, as ``validate.short`` (a sibling layer, so not importable from here)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def state_folder(value: str, what: str) -> Path:
