@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import pycdlib
 
 from .errors import ValidationError
+from .settings import create_private
 from .validate import ip_address, ip_interface, parse_duration, short
 
 USER_RE_ALLOWED = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -323,10 +323,10 @@ def write_config_drive(path: Path, files: dict[str, str]) -> None:
         iso.add_fp(io.BytesIO(data), len(data), f"/F{i}.;1", rr_name=fname, joliet_path=f"/{fname}")
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        iso.write_fp(f)
+    buf = io.BytesIO()
+    iso.write_fp(buf)
     iso.close()
+    create_private(tmp, buf.getvalue())
     tmp.rename(path)
 
 

@@ -12,7 +12,6 @@ import fcntl
 import glob
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from .errors import NotFoundError, StorageError, ValidationError
 from .host import ssh
-from .settings import RECIPES_DIR, Settings
+from .settings import RECIPES_DIR, Settings, create_private
 from .validate import name as valid_name
 
 FAMILIES = ("tiny", "debian", "vios")
@@ -67,14 +66,12 @@ def existing_client_key(settings: Settings) -> Path:
 
 
 def copy_private(src: Path, dst: Path) -> None:
-    """Copy a file created 0600 from its first byte (os.open with the mode), then renamed into place."""
+    """Copy a file created 0600 from its first byte (``settings.create_private``), then renamed into place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.parent.chmod(0o700)
     tmp = dst.with_suffix(dst.suffix + ".tmp")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(src.read_bytes())
+    create_private(tmp, src.read_bytes())
     tmp.rename(dst)
 
 

@@ -98,7 +98,7 @@ def private_dir(path: Path) -> Path:
 def create_private(path: Path, data: bytes, mode: int = PRIVATE_MODE) -> None:
     """Write a new file that is ``mode`` from its first byte (a key is never world-readable, not even
     between a write and a chmod); refuses to follow a symlink or to reuse an existing file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 

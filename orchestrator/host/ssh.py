@@ -10,7 +10,6 @@ Commands go over the wire as argv lists quoted with ``shlex.join``, or as a scri
 from __future__ import annotations
 
 import base64
-import os
 import shlex
 import socket
 import time
@@ -58,9 +57,7 @@ def new_host_key(path: Path) -> str:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    create_private(path, pem)
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                          serialization.PublicFormat.OpenSSH).decode()
 
