@@ -86,6 +86,87 @@ class Quiesce:
                    grace=value["grace"] if value.get("grace") is not None else 10.0).validate(where)
 
 
+MAX_CARRIED = 8
+MAX_CARRY_FILES = 32
+UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@-]{1,200}\.service$")
+PATH_RE = re.compile(r"^/[^\s\0]{0,4095}$")
+
+
+@dataclass
+class Carry:
+    """A process tree carried across a warm swap (checkpointed with CRIU on the old OS, restored on
+    the new one), found by its PID file or its systemd unit's main PID.
+
+    ``files`` are files the tree depends on without keeping them mapped (a script, a config read at
+    start): they must have the same content on the new OS, or the tree is restarted instead of
+    resumed. ``pause`` runs in the guest right before the checkpoint (e.g. to let the application
+    finish what it is doing)."""
+
+    name: str
+    pidfile: str | None = None
+    unit: str | None = None
+    files: list[str] = field(default_factory=list)
+    pause: str | None = None
+
+    def validate(self, where: str) -> Carry:
+        if not isinstance(self.name, str) or not self.name or not set(self.name) <= USER_RE_ALLOWED \
+                or self.name[0] == "-" or len(self.name) > 32:
+            raise ValidationError(f"{where}.carry.name {short(self.name)}: expected a name of lowercase letters, "
+                                  "digits, _ and - (at most 32)")
+        w = f"{where}.carry[{self.name}]"
+        if (self.pidfile is None) == (self.unit is None):
+            raise ValidationError(f"{w}: give exactly one of pidfile and unit")
+        if self.pidfile is not None and not _abs_path(self.pidfile):
+            raise ValidationError(f"{w}.pidfile {short(self.pidfile)}: expected an absolute path without "
+                                  "spaces or '..'")
+        if self.unit is not None and (not isinstance(self.unit, str) or not UNIT_RE.match(self.unit)):
+            raise ValidationError(f"{w}.unit {short(self.unit)}: expected a systemd service name, e.g. app.service")
+        if not isinstance(self.files, list) or len(self.files) > MAX_CARRY_FILES:
+            raise ValidationError(f"{w}.files: expected a list of at most {MAX_CARRY_FILES} absolute paths")
+        for f in self.files:
+            if not _abs_path(f):
+                raise ValidationError(f"{w}.files: {short(f)} is not an absolute path without spaces or '..'")
+        if self.pause is not None and (not isinstance(self.pause, str) or not self.pause.strip()
+                                       or "\0" in self.pause or len(self.pause) > MAX_COMMAND):
+            raise ValidationError(f"{w}.pause {short(self.pause)}: expected a shell command of at most "
+                                  f"{MAX_COMMAND} characters")
+        return self
+
+    @classmethod
+    def from_value(cls, value: Any, where: str) -> list[Carry] | None:
+        """From a spec's list of mappings; None (the key absent) means the image's default."""
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) > MAX_CARRIED:
+            raise ValidationError(f"{where}.carry: expected a list of at most {MAX_CARRIED} mappings "
+                                  f"(name, pidfile or unit, files, pause), got {short(value)}")
+        out: list[Carry] = []
+        for item in value:
+            if not isinstance(item, dict):
+                raise ValidationError(f"{where}.carry: expected a mapping with name and pidfile or unit, "
+                                      f"got {short(item)}")
+            unknown = [k for k in item if k not in CARRY_KEYS]
+            if unknown:
+                raise ValidationError(f"{where}.carry.{short(unknown[0])}: unknown key; expected "
+                                      f"{', '.join(CARRY_KEYS)}")
+            c = cls(name=item.get("name"), pidfile=item.get("pidfile"), unit=item.get("unit"),  # type: ignore[arg-type]
+                    files=item.get("files") or [], pause=item.get("pause")).validate(where)
+            if any(o.name == c.name for o in out):
+                raise ValidationError(f"{where}.carry: {c.name!r} is listed twice")
+            out.append(c)
+        return out
+
+
+CARRY_KEYS = ("name", "pidfile", "unit", "files", "pause")
+# What a guest carries when its spec says nothing: the image's demo application (its server script
+# is read at start, not mapped, so it is compared by content).
+DEFAULT_CARRY = (Carry(name="app", pidfile="/run/osimg-app.pid", files=["/usr/lib/osimg/app.py"]),)
+
+
+def _abs_path(p: Any) -> bool:
+    return isinstance(p, str) and bool(PATH_RE.match(p)) and ".." not in p.split("/")
+
+
 @dataclass
 class Customization:
     """The design's per-LPAR changes: identity, network, mounts, scripts, accounts, kernel."""
@@ -100,6 +181,8 @@ class Customization:
     kernel_modules: list[str] = field(default_factory=list)
     kernel_params: list[str] = field(default_factory=list)
     quiesce: Quiesce = field(default_factory=Quiesce)
+    # process trees carried across a warm swap; None: the image's demo application (DEFAULT_CARRY)
+    carry: list[Carry] | None = None
 
     def validate(self, where: str = "customization") -> Customization:
         """Check every field; errors name ``where`` and the field. Returns self for chaining."""
@@ -167,7 +250,17 @@ class Customization:
             if not isinstance(script, str) or not script.strip():
                 raise ValidationError(f"{where}.init_scripts: {script!r} is not a command")
         self.quiesce.validate(where)
+        if self.carry is not None:
+            if len(self.carry) > MAX_CARRIED:
+                raise ValidationError(f"{where}.carry: at most {MAX_CARRIED} process trees")
+            names = [c.validate(where).name for c in self.carry]
+            if len(set(names)) != len(names):
+                raise ValidationError(f"{where}.carry: a process tree is named twice")
         return self
+
+    def carried(self) -> list[Carry]:
+        """The trees to carry: the spec's, or the demo application when the spec says nothing."""
+        return list(DEFAULT_CARRY) if self.carry is None else list(self.carry)
 
     def with_data(self, data_uuid: str | None, path: str = DATA_MOUNT) -> Customization:
         """A copy that also mounts the guest's data volume (by UUID) at ``path``, unless a mount of
@@ -208,6 +301,8 @@ class Customization:
         d["users"] = [User(**u) for u in d.get("users", [])]
         d["mounts"] = [Mount(**m) for m in d.get("mounts", [])]
         d["quiesce"] = Quiesce(**(d.get("quiesce") or {}))
+        if d.get("carry") is not None:
+            d["carry"] = [Carry(**c) for c in d["carry"]]
         return cls(**d)
 
 
@@ -377,13 +472,14 @@ def identity_lines(host_key: HostKey | None, machine_id: str | None) -> list[str
 
 
 def live_script(c: Customization, guest: str, data_uuid: str | None, host_key: HostKey | None = None,
-                machine_id: str | None = None) -> str:
+                machine_id: str | None = None, after_mounts: str = "") -> str:
     """The guest's NoCloud customization as a POSIX shell script for a *running* OS.
 
     A warm swap pages in a golden state that booted without this guest's config drive, so the same
     settings are applied live: host key and machine-id (``identity_lines``), hostname, address,
     accounts, mounts, modules, init scripts, the app. Written for both busybox and Debian userlands
-    (``ip``, ``findfs`` and plain file edits).
+    (``ip``, ``findfs`` and plain file edits). ``after_mounts`` (a script) runs right after the
+    mounts, before the init scripts and the application start.
     """
     q = sh_quote
     lines = ["set -u", *identity_lines(host_key, machine_id), f"H={q(c.short_hostname(guest))}",
@@ -442,6 +538,10 @@ def live_script(c: Customization, guest: str, data_uuid: str | None, host_key: H
             'mkdir -p "$MP"',
             f'grep -q " $MP " /proc/mounts || mount -t {q(mnt.fstype)} -o {q(mnt.options)} "$DEV" "$MP"',
         ]
+    if after_mounts:
+        # what must run once the mounts are back and before anything else touches them (the
+        # restore of carried processes): a function body of its own, its failure fails the script
+        lines += ["after_mounts_() {", after_mounts.rstrip("\n"), "}", "after_mounts_ || exit $?"]
     for script in c.init_scripts:
         lines.append(f"sh -c {q(script)} || echo \"init script failed: $?\" >&2")
     # the application keeps its state on the data volume: no /data, no application

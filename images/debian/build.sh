@@ -27,7 +27,7 @@ R=$W/rootfs
 # stdin from /dev/null: mmdebstrap would read a sources.list from a non-terminal stdin.
 mmdebstrap --mode=root --variant=apt --format=directory \
   --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
-  --include=systemd-sysv,udev,dbus,libpam-systemd,openssh-server,qemu-guest-agent,iproute2,ifupdown,cloud-init,busybox,kmod,e2fsprogs,netbase \
+  --include=systemd-sysv,udev,dbus,libpam-systemd,openssh-server,qemu-guest-agent,iproute2,ifupdown,cloud-init,busybox,kmod,e2fsprogs,netbase,criu \
   --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
   --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
   --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
@@ -36,8 +36,11 @@ mmdebstrap --mode=root --variant=apt --format=directory \
   "deb $MIRROR $SUITE main" "deb $MIRROR $SUITE-updates main" "deb $SECURITY $SUITE-security main" \
   </dev/null
 
-# 2. osimg's files: cloud-init and network defaults, sshd, units, the demo app
-cp -R --no-preserve=ownership "$HERE/rootfs/." "$HERE/../common/app/." "$R/"
+# 2. osimg's files: cloud-init and network defaults, sshd, units, the demo app. The family's own
+# files come last: its demo app (a Python server with in-memory state, so a carried process is
+# visible) replaces the common busybox CGI one.
+cp -R --no-preserve=ownership "$HERE/../common/app/." "$HERE/rootfs/." "$R/"
+rm -rf "$R/usr/lib/osimg/www"
 mkdir -p "$R/data" "$R/usr/lib/modules"
 # the RNG reseed helper a warm swap runs through the guest agent (static: nothing to copy with it)
 bash "$HERE/../common/reseed/build.sh" "$R/usr/sbin/osimg-reseed"

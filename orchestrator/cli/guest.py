@@ -8,7 +8,9 @@ from typing import Any
 
 from .. import guests
 from ..context import Context
-from ..customize import Customization, Quiesce
+from ..customize import Carry, Customization, Quiesce
+from ..errors import ValidationError
+from ..validate import short
 from .common import Table, add, emit_json, mib, out, remove_each, size_arg, status
 
 
@@ -27,6 +29,10 @@ def register(nouns: dict[str, Any]) -> None:
                    "swap or rollback (must be harmless when it already runs)")
     c.add_argument("--quiesce-grace", metavar="DURATION", default="10s",
                    help="how long the workload may keep /data busy before it is killed (default 10s)")
+    c.add_argument("--carry", metavar="NAME=PIDFILE", action="append",
+                   help="a process tree a warm swap carries (CRIU) instead of restarting; repeatable "
+                   "(default: the image's demo application)")
+    c.add_argument("--no-carry", action="store_true", help="carry no process across a warm swap: restart them")
     ls = add(guest, "list", cmd_guest_list, "list guests")
     ls.add_argument("--all", action="store_true", help="include hidden builder guests")
     s = add(guest, "ssh", cmd_guest_ssh, "run a command in a guest over SSH (pinned host key)", json_flag=False)
@@ -46,8 +52,18 @@ def register(nouns: dict[str, Any]) -> None:
 # -- guest --------------------------------------------------------------------------------------------
 def cmd_guest_create(ctx: Context, a: argparse.Namespace) -> int:
     quiesce = Quiesce(stop=a.quiesce_stop, start=a.quiesce_start, grace=a.quiesce_grace).validate(f"guest {a.name}")
+    if a.no_carry and a.carry:
+        raise ValidationError("give --carry or --no-carry, not both")
+    carry: list[dict[str, str]] | None = [] if a.no_carry else None
+    for item in a.carry or []:
+        tree, eq, pidfile = item.partition("=")
+        if not eq:
+            raise ValidationError(f"--carry {short(item)}: expected NAME=PIDFILE, e.g. app=/run/app.pid")
+        carry = [*(carry or []), {"name": tree, "pidfile": pidfile}]
+    custom = Customization(quiesce=quiesce, carry=Carry.from_value(carry, f"guest {a.name}"))
+    custom.validate(f"guest {a.name}")
     with status(a, f"creating {a.name} from {a.image}"):
-        g = guests.create(ctx, a.name, a.image, custom=Customization(quiesce=quiesce), memory_mib=a.memory,
+        g = guests.create(ctx, a.name, a.image, custom=custom, memory_mib=a.memory,
                           vcpus=a.vcpus, data_size=a.data_size or 0)
         ready = guests.wait_ready(ctx, g) if not a.no_wait else None
     info = {"name": g.name, "image": g.image, "os_version": g.os_version, "accel": g.accel,

@@ -93,8 +93,23 @@ def _report_swaps(results: list[swap.SwapResult], as_json: bool, empty: str = "n
             if r.stopped or r.killed:
                 out.print(f"{r.guest}: workload on /data: held by {', '.join(r.stopped) or 'nothing'}; "
                           f"killed after the grace: {', '.join(r.killed) or 'nothing'}", markup=False)
+            for p in r.processes:
+                out.print(f"{r.guest}: process tree {_tree(p)}", markup=False)
             if r.note:
                 out.print(f"{r.guest}: {r.note}", markup=False)
     return 0 if all(r.ok for r in results) else SwapError.exit_code
 
+
+def _tree(p: dict[str, object]) -> str:
+    """One carried process tree: "app resumed (checkpoint 9 MiB, dump 0.82 s, restore 0.28 s)"."""
+    bits = []
+    if isinstance(p.get("checkpoint_kib"), int):
+        bits.append(f"checkpoint {int(str(p['checkpoint_kib'])) / 1024:.1f} MiB")
+    for k in ("dump", "restore"):
+        v = p.get(f"{k}_seconds")
+        if isinstance(v, (int, float)):
+            bits.append(f"{k} {v:.2f} s")
+    why = f": {p['reason']}" if p.get("reason") else ""
+    extra = f" ({', '.join(bits)})" if bits else ""
+    return f"{p.get('name')} {p.get('outcome')}{why}{extra}"
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import recipes
 from ..context import Context
-from ..customize import Customization, Mount, Quiesce, User
+from ..customize import Carry, Customization, Mount, Quiesce, User
 from ..errors import NotFoundError, OsimgError, ValidationError
 from ..images import catalog
 from ..validate import NAME_RE, load_yaml_file, parse_size, short
@@ -40,7 +40,7 @@ URI_RE = re.compile(r"^[a-z][a-z0-9+]*://[^\s]*$")
 TOP_KEYS = ("name", "uri", "networks", "defaults", "guests")
 NETWORK_KEYS = ("mode", "subnet", "gateway", "network")
 SHARED_KEYS = ("image", "memory", "vcpus", "network", "netmask", "gateway", "data", "users", "groups", "mounts",
-               "init_scripts", "kernel_modules", "kernel_params", "quiesce")
+               "init_scripts", "kernel_modules", "kernel_params", "quiesce", "carry")
 GUEST_KEYS = ("name", "hostname", "ip", *SHARED_KEYS)
 USER_KEYS = ("name", "uid", "groups", "shell", "ssh_authorized_keys")
 MOUNT_KEYS = ("device", "path", "fstype", "options")
@@ -286,6 +286,7 @@ def _guest(r: _Reader, key: str, raw: Any, defaults: dict[str, Any],
         kernel_modules=r.strings(g.get("kernel_modules"), f"{key}.kernel_modules", "kernel module names"),
         kernel_params=r.strings(g.get("kernel_params"), f"{key}.kernel_params", "kernel parameters"),
         quiesce=_quiesce(r, key, g.get("quiesce")),
+        carry=_carry(r, key, g.get("carry")),
     )
     if data is not None and any(m.path == data.mount for m in custom.mounts):
         raise r.error(f"{key}.mounts", f"{data.mount} is already the data volume's mount point ({key}.data.mount)")
@@ -351,6 +352,13 @@ def _data(r: _Reader, key: str, raw: Any) -> DataSpec | None:
 def _quiesce(r: _Reader, key: str, raw: Any) -> Quiesce:
     try:
         return Quiesce.from_value(raw, f"{r.path}: {key}")
+    except ValidationError as err:
+        raise ValidationError(str(err)) from None
+
+
+def _carry(r: _Reader, key: str, raw: Any) -> list[Carry] | None:
+    try:
+        return Carry.from_value(raw, f"{r.path}: {key}")
     except ValidationError as err:
         raise ValidationError(str(err)) from None
 

@@ -13,18 +13,19 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import guests
 from ..cluster.events import Event
 from ..cluster.store import Lease
 from ..context import Context
-from ..customize import DATA_MOUNT, live_script, sh_quote
+from ..customize import DATA_MOUNT, Carry, live_script, sh_quote
 from ..errors import ClusterError, GuestError, OsimgError, SwapError
 from ..failpoints import failpoint
 from ..host.domain import domain_xml
 from ..images import catalog
 from ..process import Progress
-from . import journal
+from . import checkpoints, journal
 
 ROLLBACK_SNAPSHOT = "osimg-rollback"
 PAGEIN_FILE = "pagein.sav"
@@ -58,6 +59,8 @@ class SwapResult:
     killed: list[str] = field(default_factory=list)
     refused: bool = False  # a journal record that failed its checks: nothing was done for it
     note: str | None = None  # what the user should know about a successful swap (e.g. deferred settings)
+    # the process trees a warm swap carried: checkpoints.TreeResult as dicts (resumed or restarted, why)
+    processes: list[dict[str, Any]] = field(default_factory=list)
 
 
 
@@ -79,6 +82,9 @@ while [ "$p" -gt 1 ]; do
   q=0; while read -r k v; do [ "$k" = PPid: ] && { q=$v; break; }; done <"/proc/$p/status" || q=0
   p=$q; anc="$anc$p "
 done
+# process trees checkpointed for a carry (swap.checkpoints): left stopped, and never thawed here
+carried=" "
+#CARRY-DUMP#
 # processes with M (or a file under it) as working directory, root, open file or mapping: "PID NAME"
 holders() {
   ls -l /proc/[0-9]*/cwd /proc/[0-9]*/root /proc/[0-9]*/fd 2>/dev/null | awk -v m="$M" -v anc="$anc" '
@@ -93,12 +99,15 @@ holders() {
 }
 holders | while read -r p c; do echo "held $p $c"; done
 [ -n "$STOP" ] && { sh -c "$STOP" </dev/null >/dev/null 2>&1 || echo "stop command failed: $?" >&2; }
-[ -x /usr/sbin/osimg-app ] && /usr/sbin/osimg-app stop >/dev/null 2>&1
+ap=; [ -f /run/osimg-app.pid ] && read -r ap </run/osimg-app.pid  # a builtin: no fork in the window
+case "$carried" in *" ${ap:-none} "*) ;; *) [ -x /usr/sbin/osimg-app ] && /usr/sbin/osimg-app stop >/dev/null 2>&1
+esac
 sync
 # Everything but our ancestors is frozen (SIGSTOP) for the moment between the unmount and the
 # read-only cover: a writer must not slip a file onto the root file system in between.
 frozen=
-freeze() { frozen=; for d in /proc/[0-9]*; do p=${d#/proc/}; case "$anc" in *" $p "*) ;; *) frozen="$frozen $p";; esac
+freeze() { frozen=; for d in /proc/[0-9]*; do p=${d#/proc/}
+  case "$anc$carried" in *" $p "*) ;; *) frozen="$frozen $p";; esac
   done; [ -n "$frozen" ] && kill -STOP $frozen 2>/dev/null; }
 thaw() { [ -n "$frozen" ] && kill -CONT $frozen 2>/dev/null; frozen=; }
 trap thaw EXIT
@@ -175,7 +184,23 @@ def data_mount(g: guests.Guest) -> str | None:
     return DATA_MOUNT
 
 
-def quiesce(ctx: Context, g: guests.Guest, res: SwapResult) -> None:
+def carried(g: guests.Guest) -> list[Carry]:
+    """The process trees a warm swap of ``g`` tries to carry (its spec's, or the image's demo app)."""
+    return g.custom().carried() if data_mount(g) is not None else []
+
+
+def record_trees(g: guests.Guest, res: SwapResult, out: str) -> None:
+    """Fold the ``carry ...`` lines of a guest script into ``res.processes``. A tree the spec did not
+    name (the default demo application) on a guest without CRIU was never a candidate: not reported."""
+    known = {p["name"]: checkpoints.TreeResult(**p) for p in res.processes}
+    checkpoints.parse(out, known)
+    if g.custom().carry is None:
+        known = {k: v for k, v in known.items() if v.reason != checkpoints.NO_CRIU}
+    res.processes = [asdict(t) for t in known.values()]
+
+
+def quiesce(ctx: Context, g: guests.Guest, res: SwapResult, trees: list[Carry] | None = None,
+            token: str = "") -> None:
     """Stop the guest's workload and let go of its data volume, so no later write can go astray.
 
     The guest's own stop command and the image's application stop first; whatever still holds the
@@ -183,14 +208,19 @@ def quiesce(ctx: Context, g: guests.Guest, res: SwapResult) -> None:
     process kept across the swap would write into a file system the other OS changed). Then /data
     is unmounted and covered by an empty read-only tmpfs: a writer the image does not know gets an
     error (and retries) instead of writing onto the root file system, where the write would be
-    hidden on rollback and deleted on commit."""
+    hidden on rollback and deleted on commit.
+
+    ``trees`` (a warm swap's, prepared under ``token``) are checkpointed first and left stopped
+    (``swap.checkpoints``); in the same guest command, so the release stays one agent round trip."""
     mount = data_mount(g)
     if mount is None:
         guest_sh(ctx, g, "[ -x /usr/sbin/osimg-app ] && /usr/sbin/osimg-app stop; sync; exit 0\n",
                  "stopping the application")
         return
     q = g.custom().quiesce
-    script = f"set -- {sh_quote(mount)} {math.ceil(q.grace)} {sh_quote(q.stop or '')}\n{QUIESCE}"
+    dump = checkpoints.dump_script(trees or [], mount, token)
+    script = f"set -- {sh_quote(mount)} {math.ceil(q.grace)} {sh_quote(q.stop or '')}\n" + \
+        QUIESCE.replace("#CARRY-DUMP#", dump)
     out = guest_sh(ctx, g, script, f"quiescing the workload and unmounting {mount}", timeout=q.grace + 120)
     for line in out.splitlines():
         kind, _, what = line.partition(" ")
@@ -198,6 +228,7 @@ def quiesce(ctx: Context, g: guests.Guest, res: SwapResult) -> None:
             res.stopped.append(what)
         elif kind == "killed" and what not in res.killed:
             res.killed.append(what)
+    record_trees(g, res, out)
 
 
 def unquiesce(g: guests.Guest) -> str:
@@ -339,11 +370,12 @@ def roll_back(ctx: Context, lease: Lease, res: SwapResult, old: guests.Guest, ne
     res.downtime = None
     progress(f"{old.name}: rolling back ({describe(err)})")
     try:
-        rollback(ctx, lease, old, new_overlay)
+        out = rollback(ctx, lease, old, new_overlay)
     except Exception as err2:  # any failure of the rollback must be reported with the first
         res.error += f"; the rollback failed too: {describe(err2)}; the journal is kept: {RESUME_HINT}"
         return
     res.rolled_back = True
+    record_trees(old, res, out)
     res.counter_after = guests.app_counter(old.app_port)
 
 
@@ -396,8 +428,14 @@ def publish(ctx: Context, guest: str, old: str, new: str) -> None:
                                 data={"from": old, "to": new}))
 
 
-def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | None) -> None:
+def checkpoint_token(overlay: str | None) -> str | None:
+    """A warm swap's name for its checkpoints: its new overlay's (unique per swap, in the journal)."""
+    return overlay.removesuffix(".qcow2") if overlay else None
+
+
+def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | None) -> str:
     """Bring the guest back on its old OS with its data; idempotent, so it also serves ``resume``.
+    Returns the output of the old OS's live script (what became of carried process trees).
 
     Journaled as ``rolling-back`` (keeping the step it started from) before it acts. Refuses a swap
     that reached ``committing``: the old OS may already be gone, only rolling forward is safe.
@@ -446,8 +484,11 @@ def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | N
     if data_disk is not None and str(data_disk.path) not in ctx.hv.xml(old.name):
         ctx.hv.attach_disk(old.name, data_disk)
     failpoint("rollback-data-attached")
-    guest_sh(ctx, old, unquiesce(old) + live_script(old.custom(), old.name, old.data_uuid, old.own_key(ctx)),
-             "re-attaching data and application")
+    mount = data_mount(old)
+    revive = checkpoints.revive_script(carried(old), mount, checkpoint_token(new_overlay)) if mount else ""
+    out = guest_sh(ctx, old, unquiesce(old) + live_script(old.custom(), old.name, old.data_uuid, old.own_key(ctx),
+                                                          after_mounts=revive),
+                   "re-attaching data and application")
     with contextlib.suppress(OsimgError):
         start_workload(ctx, old)  # the old OS is back either way; a workload that will not start is its own
     ctx.hv.define(persistent_xml(ctx, old))
@@ -458,6 +499,7 @@ def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | N
     failpoint("rollback-overlay-removed")
     (gdir / PAGEIN_FILE).unlink(missing_ok=True)
     journal.drop(ctx, lease, old.name)
+    return out
 
 
 def stopped_by_store(ctx: Context, err: ClusterError, name: str) -> str:

@@ -13,18 +13,21 @@ from dataclasses import asdict
 from .. import guests
 from ..cluster.store import Lease
 from ..context import Context
-from ..customize import live_script
+from ..customize import Carry, live_script
 from ..errors import ClusterError, GuestError, OsimgError, SwapError
 from ..failpoints import failpoint
 from ..host import qemu_img
 from ..host.domain import retarget_saved_state, rewrite_identity
 from ..images import catalog
 from ..process import Progress
-from . import journal
+from . import checkpoints, journal
 from .steps import (
     PAGEIN_FILE,
     ROLLBACK_SNAPSHOT,
     SwapResult,
+    carried,
+    checkpoint_token,
+    data_mount,
     finish,
     guest_sh,
     health,
@@ -33,6 +36,7 @@ from .steps import (
     new_overlay_name,
     preparing,
     quiesce,
+    record_trees,
     reseed,
     roll_back,
     start_workload,
@@ -63,6 +67,14 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         saved_xml = ctx.hv.saved_xml(str(target.state_file))
         retarget_saved_state(target.state_file, gdir / PAGEIN_FILE, rewrite_identity(saved_xml, spec))
         failpoint("warm-pagein-written")
+        # which process trees can be carried, and the fingerprint of the files they run
+        token = checkpoint_token(new_overlay) or ""
+        mount = data_mount(g)
+        ready: list[Carry] = []
+        if mount and carried(g):
+            out = guest_sh(ctx, g, checkpoints.prepare_script(carried(g), mount, token), "preparing the checkpoints")
+            record_trees(g, res, out)
+            ready = [t for t in carried(g) if t.name in checkpoints.ready(out)]
         res.counter_before = guests.app_counter(g.app_port)
         mark(ctx, lease, g.name, journal.PREPARED)
         failpoint("warm-prepared")
@@ -75,7 +87,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         # into a rollback after the new OS has written there.
         mark(ctx, lease, g.name, "releasing")
         failpoint("warm-releasing")
-        quiesce(ctx, g, res)
+        quiesce(ctx, g, res, ready, token)
         data_disk = guests.data_disk(ctx, g)
         if data_disk is not None:
             ctx.hv.detach_disk(g.name, data_disk)
@@ -115,8 +127,14 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         progress(f"{g.name}: customize and start the application")
         # the guest's own host key (the golden state presents the builder's) and a new machine-id,
         # in the same agent call as the rest of the customization, before anything connects over SSH
-        guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid, new.own_key(ctx), uuidlib.uuid4().hex),
-                 "live customization", agent_up=reseeded)
+        # carried process trees come back right after the mounts, before anything else touches /data
+        dumped = {p["name"] for p in res.processes if p.get("dump_seconds") is not None}
+        trees = [t for t in carried(new) if t.name in dumped]
+        restore = checkpoints.restore_script(trees, mount, token) if trees and mount else ""
+        out = guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid, new.own_key(ctx),
+                                             uuidlib.uuid4().hex, after_mounts=restore),
+                       "live customization", agent_up=reseeded)
+        record_trees(new, res, out)
         start_workload(ctx, new)
         mark(ctx, lease, g.name, "customized")
         failpoint("warm-customized")
@@ -134,3 +152,8 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         roll_back(ctx, lease, res, old, new_overlay, err, progress)
         return
     finish(ctx, lease, res, old, new, t0)
+    mount = data_mount(new)
+    if res.ok and mount and res.processes:
+        # outside the downtime: resumed trees get a scope of their own, the checkpoints go
+        with contextlib.suppress(OsimgError):
+            guest_sh(ctx, new, checkpoints.cleanup_script(carried(new), mount), "removing the checkpoints")
