@@ -3,11 +3,14 @@
 
 For each image family (tiny, debian): golden images v1 and v2 are built, 3 guests with data volumes
 are provisioned on v1, and then on the same guests:
-  warm v1 -> v2 (measured), warm v2 -> v1 (reset, not measured), cold v1 -> v2 (measured).
+  warm v1 -> v2 (measured; on Debian the application's processes are carried with CRIU),
+  Debian only: warm v2 -> v1 with the carry switched off (measured: the application restarts),
+  a reset to v1 where needed (not measured), cold v1 -> v2 (measured).
 A probe asks each guest's application for its counter every 50 ms (overlapping requests); downtime
 is the gap between the last prompt answer before the swap and the first one after it, printed
 beside the orchestrator's own figure (the two must agree). Also: rollout time of 4 tiny
-guests with batch 1 vs batch 2. Ratios are printed last.
+guests with batch 1 vs batch 2. Ratios are printed last, and for carried processes the checkpoint
+size and the dump and restore times (both inside the downtime).
 
 usage: .venv/bin/python bench/swap_downtime.py [--families tiny,debian] [--guests 3]
 """
@@ -96,7 +99,7 @@ class Probe:
         return max(gaps) if gaps else float("nan")
 
 
-def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> float:
+def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> tuple[float, swap.SwapResult]:
     """Downtime seen by the probe; NaN when the swap failed (and was rolled back). The orchestrator's
     own figure (quiesce to the first answer of the new OS) is printed beside it: the two measure the
     same outage from two sides and must agree."""
@@ -108,7 +111,7 @@ def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> float:
         if not r.ok:
             state = "rolled back" if r.rolled_back else "not rolled back"
             print(f"    {strategy} {guest}: FAILED ({state}): {r.error}", flush=True)
-            return float("nan")
+            return float("nan"), r
         # the probe may still be waiting on a request sent during the outage: keep it running until
         # it has prompt answers from the new OS, or the gap would end at the last answer before
         # the swap (that made warm AND cold swaps look 0.1 s long)
@@ -120,7 +123,16 @@ def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> float:
         else "DISAGREE"
     print(f"    {strategy} {guest}: probe {seen:.3f}s, orchestrator {r.downtime}s ({agree}); "
           f"late answers {len(p.late)}; steps {r.steps}", flush=True)
-    return seen
+    for t in r.processes:
+        print(f"    {strategy} {guest}: process tree {t}", flush=True)
+    return seen, r
+
+
+def set_carry(ctx: Context, name: str, carry: list[dict[str, object]] | None) -> None:
+    """Switch a guest's process carry (None: the image's demo application; []: none, it restarts)."""
+    g = guests.load(ctx, name)
+    g.customization = {**g.customization, "carry": carry}
+    g.save(ctx)
 
 
 def provision(ctx: Context, names: list[str], image: str) -> None:
@@ -143,11 +155,22 @@ def family_run(ctx: Context, fam: str, n: int, tag: str) -> dict[str, list[float
     provision(ctx, names, v1)
     out: dict[str, list[float]] = {"warm": [], "cold": []}
     for name in names:
-        out["warm"].append(measured_swap(ctx, name, v2, "warm"))
+        seen, r = measured_swap(ctx, name, v2, "warm")
+        out["warm"].append(seen)
+        carried = [t for t in r.processes if t["outcome"] == "resumed"]
+        if carried:
+            out.setdefault("dump", []).append(sum(t["dump_seconds"] or 0 for t in carried))
+            out.setdefault("restore", []).append(sum(t["restore_seconds"] or 0 for t in carried))
+            out.setdefault("checkpoint_mib", []).append(sum(t["checkpoint_kib"] or 0 for t in carried) / 1024)
+            # the same guest, the same swap the other way, with the application restarted instead
+            set_carry(ctx, name, [])
+            out.setdefault("warm-restart", []).append(measured_swap(ctx, name, v1, "warm")[0])
+            set_carry(ctx, name, None)
         if guests.load(ctx, name).image != v1:
             swap.rollout(ctx, swap.plan(ctx, [name], v1, "cold"))
-        out["cold"].append(measured_swap(ctx, name, v2, "cold"))
-        print(f"[{fam}] {name}: warm {out['warm'][-1]:.2f}s  cold {out['cold'][-1]:.2f}s", flush=True)
+        out["cold"].append(measured_swap(ctx, name, v2, "cold")[0])
+        restart = f"  warm-restart {out['warm-restart'][-1]:.2f}s" if carried else ""
+        print(f"[{fam}] {name}: warm {out['warm'][-1]:.2f}s{restart}  cold {out['cold'][-1]:.2f}s", flush=True)
     for name in names:
         guests.remove(ctx, name)
     return out
@@ -203,6 +226,18 @@ def main() -> int:
         w, c = statistics.median(ok["warm"]), statistics.median(ok["cold"])
         print(f"{fam:8} {w:10.2f}s {c:12.2f}s {w / c:11.2f}   warm {[round(x, 2) for x in r['warm']]} "
               f"cold {[round(x, 2) for x in r['cold']]} (nan: failed, rolled back)")
+    for fam, r in results.items():
+        ok = {k: [x for x in v if x == x] for k, v in r.items()}
+        if not ok.get("warm-restart") or not ok["warm"] or not ok["cold"]:
+            continue
+        carry, restart, c = (statistics.median(ok[k]) for k in ("warm", "warm-restart", "cold"))
+        print(f"\n{fam}: application carried (CRIU) vs restarted vs cold, median downtime of {len(ok['warm'])}:")
+        print(f"  warm, carried   {carry:6.2f}s")
+        print(f"  warm, restarted {restart:6.2f}s   carried/restarted {carry / restart:.2f}")
+        print(f"  cold            {c:6.2f}s   carried/cold {carry / c:.2f}")
+        print(f"  checkpoint {statistics.median(r['checkpoint_mib']):.1f} MiB, "
+              f"dump {statistics.median(r['dump']):.2f}s, restore {statistics.median(r['restore']):.2f}s "
+              "(medians; both inside the downtime)")
     if rollout:
         print(f"rollout of 4 guests: batch 1 {rollout[1]:.1f}s, batch 2 {rollout[2]:.1f}s, "
               f"batch2/batch1 {rollout[2] / rollout[1]:.2f}")

@@ -432,12 +432,23 @@ def resize(ctx: Context, name: str, disk: str, size: int) -> tuple[int, int]:
 
 
 # -- the guest's application -------------------------------------------------------------------------------
-def app_counter(port: int, timeout: float = 2.0) -> int | None:
-    """Ask the demo application for its counter (each request increments it); None if it does not answer."""
+def app_answer(port: int, timeout: float = 2.0) -> str | None:
+    """The demo application's whole answer: "COUNTER VERSION", and on the Debian family also its
+    in-memory state ("pid=1 started=... served=N"); None if it does not answer. Each request
+    increments the counter."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/cgi-bin/counter", timeout=timeout) as r:
-            return int(r.read().decode().split()[0])
-    except (urllib.error.URLError, OSError, ValueError, IndexError, TimeoutError):
+            return str(r.read(512).decode(errors="replace").strip())
+    except (urllib.error.URLError, OSError, ValueError, TimeoutError):
+        return None
+
+
+def app_counter(port: int, timeout: float = 2.0) -> int | None:
+    """Ask the demo application for its counter (each request increments it); None if it does not answer."""
+    answer = app_answer(port, timeout)
+    try:
+        return int(answer.split()[0]) if answer is not None else None
+    except (ValueError, IndexError):
         return None
 
 

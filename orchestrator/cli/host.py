@@ -18,6 +18,8 @@ def register(nouns: dict[str, Any]) -> None:
                    "readable beyond root and QEMU's group")
     dm = add(nouns["_top"], "demo", cmd_demo, "run the whole life cycle end to end and report it")
     dm.add_argument("--keep", action="store_true", help="leave the guests and images for inspection")
+    dm.add_argument("--family", choices=demo.FAMILIES, default="tiny",
+                    help="guest image family; debian also carries the application's processes (CRIU)")
 
 
 def cmd_doctor(ctx: Context, a: argparse.Namespace) -> int:
@@ -37,7 +39,7 @@ def cmd_doctor(ctx: Context, a: argparse.Namespace) -> int:
 
 def cmd_demo(ctx: Context, a: argparse.Namespace) -> int:
     if a.json:
-        rep = demo.run(ctx, keep=a.keep)
+        rep = demo.run(ctx, keep=a.keep, family=a.family)
         emit_json(demo.as_dict(rep))
         return 0 if rep.ok else 1
     with out.status("osimg demo", spinner="dots") as st:
@@ -45,7 +47,7 @@ def cmd_demo(ctx: Context, a: argparse.Namespace) -> int:
             out.log(msg)
             st.update(msg)
 
-        rep = demo.run(ctx, keep=a.keep, progress=progress)
+        rep = demo.run(ctx, keep=a.keep, progress=progress, family=a.family)
     out.print(f"accelerator: {rep.accel}; cluster store: {rep.store}")
     t = Table("guest", "hostname", "OS before", "OS after", "downtime", "counter before", "counter after",
               "overlay", "result", title="rolling warm swap v1 -> v2")
@@ -55,6 +57,10 @@ def cmd_demo(ctx: Context, a: argparse.Namespace) -> int:
                   str(g.counter_after), f"{g.overlay_bytes / (1 << 20):.1f} MiB",
                   "ok" if g.ok else (g.error or "FAILED"))
     out.print(t)
+    for g in rep.guests:
+        if g.processes:
+            out.print(f"{g.guest}: {'; '.join(g.processes)}; the application answered {g.app_before!r} on v1, "
+                      f"{g.app_after!r} on v2", markup=False)
     lt = Table("image", "kind", "built from", "OS", "memory state", title="image lineage")
     for i in rep.lineage:
         lt.add_row(i["name"], i["kind"], i["source"], i["os_version"], "yes" if i["memory_state"] else "no")

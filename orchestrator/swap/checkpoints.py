@@ -128,7 +128,7 @@ carry_dump() {{ # NAME PIDFILE UNIT PAUSE FILES...
     carried="$carried$ps "
     echo "carry $n dumped $(du -sk "$d" | cut -f1) $(( $(now_ms) - t ))"
   else
-    echo "carry $n restarted the checkpoint failed: $(grep -i error "$d/dump.log" | tail -1 | cut -c1-160)"
+    echo "carry $n restarted the checkpoint failed: $(grep -i error "$d/dump.log" | head -1 | cut -c1-160)"
     rm -rf "$d"
   fi
 }}
@@ -160,7 +160,7 @@ carry_restore() {{ # NAME PIDFILE UNIT PAUSE FILES...
   if criu restore -D "$d" -o restore.log {RESTORE_OPTS} --pidfile "$pf"; then
     echo "carry $n resumed $(( $(now_ms) - t ))"
   else
-    echo "CRIU could not restore $n: $(grep -i error "$d/restore.log" | tail -1 | cut -c1-200)" >&2; exit 3
+    echo "CRIU could not restore $n: $(grep -i error "$d/restore.log" | head -1 | cut -c1-200)" >&2; exit 3
   fi
 }}
 """
@@ -177,10 +177,12 @@ def revive_script(trees: list[Carry], mount: str, token: str | None) -> str:
     body = rf"""
 CK={sh_quote(mount)}/{CARRY_DIR}
 carry_revive() {{ # NAME PIDFILE UNIT PAUSE FILES...
-  n=$1 pf=$2; d=$CK/{token or "none"}/$n
+  n=$1 pf=$2 unit=$3; d=$CK/{token or "none"}/$n
   ps=$(cat "{RUN_DIR}/$n" 2>/dev/null); set -- $ps
   if [ -n "$ps" ] && [ -d "/proc/$1" ] && grep -q '^State:.*(stopped)' "/proc/$1/status" 2>/dev/null; then
     kill -CONT $ps 2>/dev/null; echo "carry $n resumed 0"
+  elif [ -f "$d/dumped" ] && [ -n "$(tree_pid "$n" "$pf" "$unit")" ]; then
+    echo "carry $n restarted the old OS was booted again and started it"
   elif [ -f "$d/dumped" ]; then
     [ -n "$pf" ] || pf={RUN_DIR}-$n.pid
     rm -f "$pf"; t=$(now_ms)

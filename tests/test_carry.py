@@ -1,0 +1,143 @@
+"""A warm swap carries the application's processes (CRIU) on the Debian family: the demo server keeps
+its in-memory state (start time, requests served, PID 1 of its namespace) across v1 -> v2; a file it
+runs that differs on the new OS makes it restart instead, with the reason; a restore that fails
+rolls back to the old OS with the very processes continued there. Real Debian guests, real CRIU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator import guests, swap
+from orchestrator.context import Context
+from orchestrator.images import lifecycle
+
+from .conftest import RUN_ID, gname
+from .test_crash import _swap_cli, _wait_stopped
+
+pytestmark = pytest.mark.guest
+
+V2 = f"c{RUN_ID}-deb2"
+ANSWER = re.compile(r"^(\d+) (\S+) pid=(\d+) started=([\d.]+) served=(\d+)$")
+
+
+def ask(g: guests.Guest) -> tuple[int, str, int, str, int]:
+    """One request to the demo server: (counter on /data, OS version, PID, start time, served)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{g.app_port}/cgi-bin/counter", timeout=10) as r:
+        text = r.read().decode().strip()
+    m = ANSWER.match(text)
+    assert m, f"unexpected answer {text!r}"
+    return int(m[1]), m[2], int(m[3]), m[4], int(m[5])
+
+
+@pytest.fixture(scope="module")
+def deb_guest(ctx: Context) -> Iterator[guests.Guest]:
+    """A Debian v1 guest with a data volume running the demo server, and the captured Debian v2."""
+    lifecycle.build(ctx, V2, "debian:v2", boot_timeout=600)
+    g = guests.create(ctx, gname("carry"), "debian:v1", data_size=64 << 20)
+    try:
+        guests.wait_ready(ctx, g, timeout=600)
+        yield g
+    finally:
+        guests.remove(ctx, g.name)
+
+
+def test_warm_swap_resumes_the_application_on_the_new_os(ctx: Context, deb_guest: guests.Guest) -> None:
+    g = guests.load(ctx, deb_guest.name)
+    answers = [ask(g) for _ in range(3)]
+    count, version, pid, started, served = answers[-1]
+    assert version == "v1" and pid == 1, answers  # PID 1 of its own namespace
+    [res] = swap.rollout(ctx, swap.plan(ctx, [g.name], V2, "warm"))
+    assert res.ok, res.error
+    print(f"\n[measure] carry v1 -> v2: downtime {res.downtime}s, steps {res.steps}, processes {res.processes}")
+    [tree] = res.processes
+    assert tree["name"] == "app" and tree["outcome"] == "resumed", tree
+    assert tree["checkpoint_kib"] > 1000 and tree["dump_seconds"] > 0, tree
+    g = guests.load(ctx, g.name)
+    count2, version2, pid2, started2, served2 = ask(g)
+    # the same process, answering on the new OS: its memory came along, its counter on /data too
+    assert (version2, pid2, started2) == ("v2", 1, started), (version2, pid2, started2)
+    assert served2 > served and count2 > count, (served, served2, count, count2)
+    with guests.session(ctx, g) as s:
+        r = s.run(["sh", "-c", "grep VERSION_ID /etc/os-release; systemctl is-active osimg-carry-app.scope;"
+                               " ls /data/.osimg-carry 2>&1"])
+    assert "VERSION_ID=v2" in r.out and "\nactive\n" in r.out, r.out
+    assert "No such file" in r.out, "the checkpoints were not removed after the commit"
+
+
+def test_a_file_that_differs_on_the_new_os_restarts_the_tree(ctx: Context, deb_guest: guests.Guest) -> None:
+    """The running OS's server script is not the target's (a local change): CRIU would resume the
+    old code on the new OS, so the swap restarts the tree and says which file made it."""
+    g = guests.load(ctx, deb_guest.name)
+    with guests.session(ctx, g) as s:
+        s.run(["sh", "-c", "echo '# a local change' >>/usr/lib/osimg/app.py"], check=True)
+    count, _, _, started, _ = ask(g)
+    [res] = swap.rollout(ctx, swap.plan(ctx, [g.name], V2, "warm"))
+    assert res.ok, res.error
+    print(f"\n[measure] restart on a changed file: downtime {res.downtime}s, processes {res.processes}")
+    [tree] = res.processes
+    assert tree["outcome"] == "restarted" and "/usr/lib/osimg/app.py differs" in tree["reason"], tree
+    g = guests.load(ctx, g.name)
+    count2, version2, pid2, started2, served2 = ask(g)
+    assert version2 == "v2" and started2 != started and pid2 == 1 and served2 <= 5, (version2, started2, served2)
+    assert count2 > count, "the counter on /data went back"
+
+
+def _corrupt_checkpoint(volume: Path) -> str:
+    """Remove the memory pages of the checkpoint from a detached data volume (qcow2 with ext4),
+    with e2fsprogs' debugfs on a raw copy, written back in place. Returns what was removed."""
+    with tempfile.TemporaryDirectory(dir=volume.parent) as tmp:
+        raw = Path(tmp) / "vol.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(volume), str(raw)], check=True)
+        ls = subprocess.run(["debugfs", "-R", "ls -p /.osimg-carry", str(raw)], capture_output=True, text=True,
+                            check=True).stdout
+        token = next(f.split("/")[5] for f in ls.splitlines() if f.count("/") >= 6 and f.split("/")[5]
+                     not in (".", ".."))
+        victim = f"/.osimg-carry/{token}/app/pages-1.img"
+        subprocess.run(["debugfs", "-w", "-R", f"rm {victim}", str(raw)], check=True, capture_output=True)
+        new = Path(tmp) / "vol.qcow2"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(new)], check=True)
+        st = volume.stat()
+        os.chown(new, st.st_uid, st.st_gid)
+        shutil.copymode(volume, new)
+        os.replace(new, volume)
+    return victim
+
+
+def test_a_failed_restore_rolls_back_with_the_processes_continued(ctx: Context, deb_guest: guests.Guest) -> None:
+    """The checkpoint loses its memory pages while the data volume is detached (the orchestrator
+    stopped at a failpoint): CRIU cannot restore on the new OS, the swap rolls back, and the old OS
+    continues the very processes the checkpoint had stopped (same start time, same served count)."""
+    g = guests.load(ctx, deb_guest.name)
+    before = [ask(g) for _ in range(2)][-1]
+    proc = _swap_cli(g, V2, "warm", spec="warm-released=stop")
+    try:
+        _wait_stopped(proc.pid)
+        volume = g.data_volume(ctx)
+        assert volume is not None
+        victim = _corrupt_checkpoint(volume)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=600)
+    assert "Traceback" not in err, err
+    [r] = json.loads(out)
+    print(f"\n[measure] restore without {victim}: {r['error']}; processes {r['processes']}")
+    assert not r["ok"] and r["rolled_back"] and proc.returncode == 8, (r, err)
+    assert "CRIU could not restore app" in r["error"], r["error"]
+    [tree] = r["processes"]
+    assert tree["outcome"] == "resumed", tree  # continued on the old OS
+    g = guests.load(ctx, g.name)
+    count, version, pid, started, served = ask(g)
+    assert (version, pid, started) == (before[1], 1, before[3]), (version, pid, started, before)
+    # not restarted (it would count from 1): only the swap's own probes and this request came in between
+    assert before[4] < served <= before[4] + 5 and count > before[0], (served, count, before)
