@@ -116,6 +116,14 @@ def from_record(ctx: Context, data: object, what: str, hint: str = "") -> Guest:
     folders osimg keeps such files in before anything uses it (after ``from_dict``'s field types)."""
     g = from_dict(data, what, hint)
     file_name(g.overlay_file, f"{what}: overlay file")
+    # the carried process trees name files and commands that a swap hands to a root shell in the guest
+    try:
+        for tree in g.custom().carried():
+            tree.validate(what)
+    except ValidationError as err:
+        raise StorageError(f"{what} is broken ({err}){hint}") from None
+    except (TypeError, ValueError, AttributeError):
+        raise StorageError(f"{what} is broken (its customization is malformed){hint}") from None
     for label in ("base", "kernel", "initrd"):
         inside(getattr(g, label), ctx.settings.file_roots, f"{what}: {label}")
     return g

@@ -11,7 +11,9 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +24,7 @@ from orchestrator import guests, swap
 from orchestrator.context import Context
 from orchestrator.images import lifecycle
 
-from .conftest import RUN_ID, gname
-from .test_crash import _swap_cli, _wait_stopped
+from .conftest import HOME, RUN_ID, gname
 
 pytestmark = pytest.mark.guest
 
@@ -38,6 +39,22 @@ def ask(g: guests.Guest) -> tuple[int, str, int, str, int]:
     m = ANSWER.match(text)
     assert m, f"unexpected answer {text!r}"
     return int(m[1]), m[2], int(m[3]), m[4], int(m[5])
+
+
+def stopped_swap(g: guests.Guest, target: str, failpoint: str) -> subprocess.Popen[str]:
+    """The real CLI swapping ``g``, stopped (SIGSTOP) at ``failpoint``; the caller sends SIGCONT."""
+    exe = Path(sys.executable).parent / "osimg"
+    env = {**os.environ, "OSIMG_HOME": str(HOME), "OSIMG_FAILPOINT": f"{failpoint}=stop"}
+    proc = subprocess.Popen([str(exe), "swap", g.name, "--to", target, "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return proc
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGCONT)
+    raise AssertionError(f"the swap never reached {failpoint}: {proc.communicate(timeout=300)}")
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +137,8 @@ def test_a_failed_restore_rolls_back_with_the_processes_continued(ctx: Context, 
     continues the very processes the checkpoint had stopped (same start time, same served count)."""
     g = guests.load(ctx, deb_guest.name)
     before = [ask(g) for _ in range(2)][-1]
-    proc = _swap_cli(g, V2, "warm", spec="warm-released=stop")
+    proc = stopped_swap(g, V2, "warm-released")
     try:
-        _wait_stopped(proc.pid)
         volume = g.data_volume(ctx)
         assert volume is not None
         victim = _corrupt_checkpoint(volume)

@@ -104,6 +104,11 @@ CASES: dict[str, Case] = {
     "data-tiny": Case(["guest", "create", "g", "--image", "tiny:v1", "--data-size", "4k"], 2, "outside 8M..16T"),
     "quiesce-grace": Case(["guest", "create", "g", "--image", "tiny:v1", "--quiesce-grace", "forever"], 2,
                           "quiesce.grace"),
+    "carry-no-pidfile": Case(["guest", "create", "g", "--image", "tiny:v1", "--carry", "app"], 2, "NAME=PIDFILE"),
+    "carry-relative": Case(["guest", "create", "g", "--image", "tiny:v1", "--carry", "app=run/app.pid"], 2,
+                           "carry[app].pidfile"),
+    "carry-and-no-carry": Case(["guest", "create", "g", "--image", "tiny:v1", "--carry", "a=/run/a.pid",
+                                "--no-carry"], 2, "not both"),
     "resize-fraction": Case(["guest", "resize", "g", "--disk", "os", "--size", "0.0001k"], 2, "invalid size"),
     "batch-zero": Case(["swap", "g", "--to", "x", "--batch", "0"], 2, "batch"),
     "batch-huge": Case(["swap", "g", "--to", "x", "--batch", "100000"], 2, "batch must be in 1..64"),
@@ -142,6 +147,14 @@ CASES: dict[str, Case] = {
                             setup=_file("f.yaml", SPEC_HEAD + "  - {name: a, image: tiny:v1, vcpus: 100000}\n")),
     "spec-quiesce-list": Case(["fleet", "validate"], 2, "quiesce",
                               setup=_file("f.yaml", SPEC_HEAD + "  - {name: a, image: tiny:v1, quiesce: [1]}\n")),
+    "spec-carry-map": Case(["fleet", "validate"], 2, "carry: expected a list",
+                           setup=_file("f.yaml", SPEC_HEAD + "  - {name: a, image: tiny:v1, carry: {x: 1}}\n")),
+    "spec-carry-no-pid": Case(["fleet", "validate"], 2, "exactly one of pidfile and unit",
+                              setup=_file("f.yaml", SPEC_HEAD + "  - {name: a, image: tiny:v1, carry: [{name: x}]}\n")),
+    "spec-carry-unit": Case(["fleet", "validate"], 2, "systemd service name", setup=_file(
+        "f.yaml", SPEC_HEAD + "  - {name: a, image: tiny:v1, carry: [{name: x, unit: 'a b'}]}\n")),
+    "spec-carry-key": Case(["fleet", "validate"], 2, "unknown key", setup=_file(
+        "f.yaml", SPEC_HEAD + "  - {name: a, image: tiny:v1, carry: [{name: x, pid: 1}]}\n")),
     "spec-too-many-guests": Case(["fleet", "validate"], 2, "at most 1000", setup=_file(
         "f.yaml", SPEC_HEAD + "".join(f"  - {{name: g{i}, image: tiny:v1}}\n" for i in range(1001)))),
     "spec-alias-bomb": Case(["fleet", "validate"], 2, "expands to more than", setup=_file(
@@ -271,3 +284,32 @@ def test_fleet_spec_carries_quiesce_to_the_customization(tmp_path: Path) -> None
     assert (b.custom.quiesce.stop, b.custom.quiesce.start, b.custom.quiesce.grace) == (None, "x", 10.0)
     # what the guest record keeps comes back the same
     assert Customization.from_dict(a.custom.to_dict()).quiesce == a.custom.quiesce
+
+
+def test_a_record_from_before_carry_existed_has_no_drift(tmp_path: Path) -> None:
+    from orchestrator import guests
+    from orchestrator.customize import Carry, Customization
+    from orchestrator.fleet import spec as fleetspec
+    old = {"image": "x", "customization": {"hostname": "a"}}
+    assert guests.config_drift(old, {"image": "x", "customization": Customization(hostname="a").to_dict()}) == []
+    p = tmp_path / "f.yaml"
+    p.write_text("guests:\n"
+                 "  - {name: a, image: tiny:v1, carry: [{name: db, unit: db.service, files: [/etc/db.conf]}]}\n"
+                 "  - {name: b, image: tiny:v1, carry: []}\n  - {name: c, image: tiny:v1}\n")
+    a, b, c = fleetspec.load(p).guests
+    assert a.custom.carried() == [Carry(name="db", unit="db.service", files=["/etc/db.conf"])]
+    assert b.custom.carried() == [] and [t.name for t in c.custom.carried()] == ["app"]
+    assert Customization.from_dict(a.custom.to_dict()).carry == a.custom.carry
+    assert guests.config_drift({"image": "tiny:v1", "customization": c.custom.to_dict()},
+                               {"image": "tiny:v1", "customization": a.custom.to_dict()}) != []
+
+
+def test_carry_lines_from_the_guest_become_the_result() -> None:
+    from orchestrator.swap import checkpoints
+    trees: dict[str, checkpoints.TreeResult] = {}
+    checkpoints.parse("held 12 sh\ncarry app dumped 9109 620\ncarry db restarted it was not running\n", trees)
+    checkpoints.parse("carry app resumed 480\nnoise carry x resumed 1\n", trees)
+    assert trees["app"] == checkpoints.TreeResult("app", "resumed", None, 9109, 0.62, 0.48)
+    assert trees["db"] == checkpoints.TreeResult("db", "restarted", "it was not running")
+    assert checkpoints.ready("carry app ready\ncarry db restarted x\n") == {"app"}
+

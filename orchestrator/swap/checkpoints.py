@@ -93,6 +93,12 @@ rm -rf "$CK" {RUN_DIR}; mkdir -p "$CK/{token}" {RUN_DIR}
 carry_prepare() {{ # NAME PIDFILE UNIT PAUSE FILES...
   n=$1; P=$(tree_pid "$1" "$2" "$3"); shift 4
   [ -n "$P" ] || {{ echo "carry $n restarted it was not running"; return; }}
+  # restored with its PIDs on an OS whose own processes may use them: only a namespace of its own is safe
+  case $(grep '^NSpid:' "/proc/$P/status") in
+    *[[:space:]]1) ;;
+    *) echo "carry $n restarted it is not PID 1 of its own PID namespace (start it with unshare --pid --fork)"
+       return;;
+  esac
   d=$CK/{token}/$n; mkdir -p "$d"
   for p in $(tree_pids "$P"); do readlink "/proc/$p/exe"
     awk 'NF >= 6 && $6 ~ /^\// {{ s = $6; for (i = 7; i <= NF; i++) s = s " " $i; print s }}' "/proc/$p/maps"

@@ -140,6 +140,14 @@ guest_results:
       description: Seconds from the start of the guest's swap at the end of each step.
       type: dict
       sample: {"prepare": 0.6, "quiesce": 1.1, "page-in": 2.9}
+    processes:
+      description:
+        - The process trees a warm swap carried (CRIU, Debian family), each V(resumed) on the new OS with its
+          memory or V(restarted) with the reason, and the checkpoint size and the dump and restore seconds.
+      type: list
+      elements: dict
+      sample: [{"name": "app", "outcome": "resumed", "reason": null, "checkpoint_kib": 9109,
+                "dump_seconds": 0.62, "restore_seconds": 0.48}]
 swapped:
   description: Guests moved to O(to_image) by this task.
   returned: always
