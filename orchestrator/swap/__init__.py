@@ -7,7 +7,9 @@ fsfreeze, suspend); page out the old OS into an internal snapshot of its own ove
 disk, for rollback); page in the golden state (with a new VM generation ID); reseed its RNG and
 set its clock through the guest agent, before anything else runs in it; hot-attach G's data
 volume; apply G's customization live through the guest agent (with G's own SSH host key and a new
-machine-id); start G's application; verify; commit or roll back.
+machine-id); start G's application; verify; commit or roll back. Where the image has CRIU (Debian),
+G's application is not stopped and started but carried: checkpointed in the quiesce and restored
+on the new OS right after its mounts, with its memory (``swap.checkpoints``).
 
 **cold** (the baseline): shut G down, put a fresh overlay on the new base under it, boot (the
 config drive re-applies G's customization and the image starts the application), verify.
