@@ -1,15 +1,16 @@
 """Quiesce-swap-resume: replace the OS of running guests, warm or cold, with health checks and rollback.
 
-**warm** (the invention): the target image was captured with its memory state. For guest G:
-prepare G's own page-in file (the golden state carrying G's identity) and a fresh overlay on the
-new base; quiesce G (stop its application, unmount and detach its data volume, guest-agent
-fsfreeze, suspend); page out the old OS into an internal snapshot of its own overlay (memory and
-disk, for rollback); page in the golden state (with a new VM generation ID); reseed its RNG and
-set its clock through the guest agent, before anything else runs in it; hot-attach G's data
-volume; apply G's customization live through the guest agent (with G's own SSH host key and a new
-machine-id); start G's application; verify; commit or roll back. Where the image has CRIU (Debian),
-G's application is not stopped and started but carried: checkpointed in the quiesce and restored
-on the new OS right after its mounts, with its memory (``swap.checkpoints``).
+**warm** (the invention): the target image was captured with its memory state. For guest G: prepare
+G's own page-in file (the golden state carrying G's identity) and a fresh overlay on the new base;
+quiesce G (stop its application, unmount and detach its data volume, suspend: no fsfreeze, the
+internal snapshot of a paused guest holds memory and disk at one instant); page out the old OS into
+an internal snapshot of its own overlay (memory and disk, for rollback); page in the golden state
+(with a new VM generation ID); reseed its RNG and set its clock through the guest agent, before
+anything else runs in it; hot-attach G's data volume; apply G's customization live through the guest
+agent (with G's own SSH host key and a new machine-id); start G's application; verify; commit or
+roll back. Where the image has CRIU (Debian), G's application is not stopped and started but
+carried: checkpointed in the quiesce and restored on the new OS right after its mounts, with its
+memory (``swap.checkpoints``).
 
 **cold** (the baseline): shut G down, put a fresh overlay on the new base under it, boot (the
 config drive re-applies G's customization and the image starts the application), verify.

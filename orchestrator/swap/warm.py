@@ -93,9 +93,8 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
             ctx.hv.detach_disk(g.name, data_disk)
         mark(ctx, lease, g.name, "released")
         failpoint("warm-released")
-        if ctx.hv.agent_ping(g.name):
-            with contextlib.suppress(OsimgError):
-                ctx.hv.fs_freeze(g.name)
+        # no fsfreeze (two agent round trips): the internal snapshot of a paused guest holds its
+        # memory and its disk at one instant, and a rollback resumes exactly that memory
         ctx.hv.suspend(g.name)
         mark(ctx, lease, g.name, "quiesced")
         failpoint("warm-quiesced")
