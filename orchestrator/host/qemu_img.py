@@ -1,4 +1,5 @@
-"""The only module that runs storage tools (``qemu-img``, ``mkfs.ext4``): files, overlays, hashes.
+"""The only module that runs storage tools (``qemu-img``, ``mkfs.ext4``, ``qemu-storage-daemon``,
+``debugfs``): files, overlays, hashes, and reading files inside an image without mounting it.
 
 Every command is an argument list (never a shell string), and failures become StorageError with
 the tool's own message, because "qemu-img failed" alone tells a user nothing.
@@ -6,11 +7,16 @@ the tool's own message, because "qemu-img failed" alone tells a user nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,3 +147,62 @@ def allocated_bytes(path: str | Path) -> int:
 
 def write_protect(path: Path) -> None:
     path.chmod(READONLY_MODE)
+
+
+@contextlib.contextmanager
+def raw_view(disk: Path) -> Iterator[Path]:
+    """A read-only raw view of a qcow2 image (backing chain included) as a file, without a kernel
+    block device or a mount: qemu-storage-daemon's FUSE export, in a private temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="osimg-view-") as tmp:
+        view, pidfile = Path(tmp) / "disk.raw", Path(tmp) / "qsd.pid"
+        view.touch(mode=0o600)
+        name = str(disk).replace(",", ",,")  # QEMU's option syntax doubles a literal comma
+        run(["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f,filename={name},read-only=on",
+             "--blockdev", "driver=qcow2,node-name=q,file=f,read-only=on",
+             "--export", f"type=fuse,id=e,node-name=q,mountpoint={view}", "--daemonize", "--pidfile", str(pidfile)],
+            f"reading {disk.name}", timeout=60)
+        pid = int(pidfile.read_text().strip())
+        try:
+            yield view
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+MISSING = "missing"
+STAT_SIZE = re.compile(r"\bSize: (\d+)")
+STAT_MTIME = re.compile(r"\bmtime: 0x([0-9a-f]+)")
+
+
+def files_in_image(disk: Path, stat_paths: list[str], hash_paths: list[str]) -> dict[str, str]:
+    """What ``stat -c '%s %Y %n'`` (``stat_paths``) and ``sha256sum`` (``hash_paths``) print for
+    files in the ext4 file system of ``disk``, read with debugfs from a raw view, keyed "stat PATH" /
+    "hash PATH"; MISSING for a file that is not there. A path that is not a regular file, or that
+    debugfs cannot name (white space, quotes), is left out: the caller cannot judge it from here."""
+    out: dict[str, str] = {}
+    fine = [p for p in {*stat_paths, *hash_paths} if p.startswith("/") and not re.search(r"[\s\"'\\]", p)]
+    if not fine:
+        return out
+    with raw_view(disk) as view, tempfile.TemporaryDirectory(prefix="osimg-files-") as tmp:
+        for p in sorted(fine):
+            st = run(["debugfs", "-R", f"stat {p}", str(view)], f"reading {p} in {disk.name}", timeout=60)
+            size, mtime = STAT_SIZE.search(st), STAT_MTIME.search(st)
+            if not st.strip():  # debugfs said "File not found" (on stderr)
+                for kind in ("stat", "hash"):
+                    out[f"{kind} {p}"] = MISSING
+                continue
+            if "Type: regular" not in st or size is None or mtime is None:
+                continue
+            if p in stat_paths:
+                out[f"stat {p}"] = f"{size[1]} {int(mtime[1], 16)} {p}"
+            if p in hash_paths:
+                dst = Path(tmp) / "f"
+                run(["debugfs", "-R", f"dump {p} {dst}", str(view)], f"reading {p} in {disk.name}", timeout=60)
+                if dst.exists():
+                    out[f"hash {p}"] = f"{sha256(dst)}  {p}"
+                    dst.unlink()
+    return out
+

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..customize import Carry, sh_quote
+from ..errors import OsimgError
+from ..host import qemu_img
 
 CARRY_DIR = ".osimg-carry"  # under the data volume's mount point
 RUN_DIR = "/run/osimg-carry"  # on the old OS: which PIDs the checkpoint left stopped (for a rollback)
@@ -105,6 +108,7 @@ carry_prepare() {{ # NAME PIDFILE UNIT PAUSE FILES...
   done 2>/dev/null | grep -v -e ' (deleted)$' -e "^$CK/" -e "^$M/" | sort -u >"$d/mapped"
   printf '%s\n' "$@" | grep . >"$d/listed"
   fingerprint "$d" >"$d/files"
+  sed "s|^|fp $n |" "$d/files"
   echo "carry $n ready"
 }}
 """
@@ -112,6 +116,40 @@ carry_prepare() {{ # NAME PIDFILE UNIT PAUSE FILES...
     missing = "".join(f"echo {sh_quote(f'carry {t.name} restarted {NO_CRIU}')}\n" for t in trees)
     return (f"M={sh_quote(mount)}\nif command -v criu >/dev/null 2>&1; then\n{FUNCS}{body}{calls}"
             f"else\n{missing}fi\n")
+
+
+def fingerprints(out: str) -> dict[str, list[str]]:
+    """The files' fingerprint lines ``prepare_script`` printed (``fp NAME LINE``), by tree."""
+    trees: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        tag, _, rest = line.partition(" ")
+        name, _, fp = rest.partition(" ")
+        if tag == "fp" and name and fp:
+            trees.setdefault(name, []).append(fp)
+    return trees
+
+
+HASH_LINE = re.compile(r"^([0-9a-f]{64})  (/.*)$")
+STAT_LINE = re.compile(r"^(\d+) (\d+) (/.*)$")
+
+
+def target_differs(disk: Path, lines: list[str]) -> str | None:
+    """Before the downtime: the first file of a tree's fingerprint (taken on the running OS) that is
+    different in the target image's disk, read from the host; None when all that can be judged from
+    here matches. CRIU refuses to restore over changed files, and a changed script would resume the
+    old code on the new OS: such a tree is restarted, and then it is not checkpointed at all."""
+    stat_paths = [m[3] for m in map(STAT_LINE.match, lines) if m]
+    hash_paths = [m[2] for m in map(HASH_LINE.match, lines) if m]
+    try:
+        there = qemu_img.files_in_image(disk, stat_paths, hash_paths)
+    except OsimgError:
+        return None  # no view of the image here (no FUSE): the new OS checks at restore time
+    for line in lines:
+        key = f"stat {m[3]}" if (m := STAT_LINE.match(line)) else f"hash {h[2]}" if (h := HASH_LINE.match(line)) \
+            else None
+        if key is not None and key in there and there[key] != line:
+            return key.partition(" ")[2]
+    return None
 
 
 def dump_script(trees: list[Carry], mount: str, token: str) -> str:

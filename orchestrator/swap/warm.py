@@ -75,6 +75,11 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
             out = guest_sh(ctx, g, checkpoints.prepare_script(carried(g), mount, token), "preparing the checkpoints")
             record_trees(g, res, out)
             ready = [t for t in carried(g) if t.name in checkpoints.ready(out)]
+            for name, lines in checkpoints.fingerprints(out).items():
+                differs = checkpoints.target_differs(target.disk, lines) if name in {t.name for t in ready} else None
+                if differs is not None:
+                    ready = [t for t in ready if t.name != name]
+                    record_trees(g, res, f"carry {name} restarted the target image's {differs} differs\n")
         res.counter_before = guests.app_counter(g.app_port)
         mark(ctx, lease, g.name, journal.PREPARED)
         failpoint("warm-prepared")
