@@ -29,16 +29,16 @@ from orchestrator import guests, swap
 from orchestrator.cluster import open_store
 from orchestrator.context import Context
 from orchestrator.failpoints import ENV
-from orchestrator.images import catalog, lifecycle
+from orchestrator.images import catalog
 from orchestrator.process import dead_local_holder, holder_id
 from orchestrator.settings import SOURCE_ROOT
 from orchestrator.swap.steps import PAGEIN_FILE, ROLLBACK_SNAPSHOT, guest_sh
 
 from .cluster_fixtures import ETCD_SH, free_ports
-from .conftest import HOME, RUN_ID, gname, osimg
+from .conftest import GOLD_V1, GOLD_V2, HOME, RUN_ID, gname, osimg
 from .writer import RECORDS, ConsoleWatch, Writer, checksum, read_records
 
-V1, V2 = f"c{RUN_ID}-v1", f"c{RUN_ID}-v2"
+V1, V2 = GOLD_V1, GOLD_V2  # the session's golden images (conftest), captured from tiny:v1 and tiny:v2
 PACKAGE = SOURCE_ROOT / "orchestrator"
 
 
@@ -168,14 +168,12 @@ def test_a_broken_journal_entry_is_reported_and_left_alone(tmp_path: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def crash_guests(ctx: Context) -> Iterator[dict[str, guests.Guest]]:
-    lifecycle.build(ctx, V1, "tiny:v1")
-    lifecycle.build(ctx, V2, "tiny:v2")
+def crash_guests(ctx: Context, gold_v1: str, gold_v2: str) -> Iterator[dict[str, guests.Guest]]:
     made: dict[str, guests.Guest] = {}
     try:
-        for strategy in ("warm", "cold"):
-            g = guests.create(ctx, gname(f"crash-{strategy}"), V1, data_size=32 << 20)
-            made[strategy] = g
+        for strategy in ("warm", "cold"):  # start both, then wait: the boots overlap
+            made[strategy] = guests.create(ctx, gname(f"crash-{strategy}"), V1, data_size=32 << 20)
+        for g in made.values():
             guests.wait_ready(ctx, g)
             assert guests.wait_app(g.app_port, 30) is not None
         yield made
