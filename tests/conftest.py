@@ -20,6 +20,7 @@ import pytest
 
 from orchestrator import guests, recipes
 from orchestrator.context import Context
+from orchestrator.images import lifecycle
 from orchestrator.settings import SOURCE_ROOT, Settings
 
 RUN_ID = uuid.uuid4().hex[:6]
@@ -118,3 +119,46 @@ def v1_guest(ctx: Context) -> Iterator[guests.Guest]:
     print(f"\n[measure] tiny v1 guest SSH-ready in {ready:.1f}s ({time.monotonic() - t0:.1f}s with create)")
     yield g
     guests.remove(ctx, g.name)
+
+
+# -- golden images shared by the whole session ------------------------------------------------------------
+# Capturing a golden image boots a hidden builder and pages it out (tiny ~5 s, Debian ~30-60 s under
+# TCG). The swap, crash, identity and quiesce tests only need *a* captured v1, v2 or broken v2: they
+# never change or remove one (a test that does, builds or clones its own), so each is captured once.
+GOLD_V1, GOLD_V2, GOLD_BAD = f"g{RUN_ID}-v1", f"g{RUN_ID}-v2", f"g{RUN_ID}-v2bad"
+GOLD_DEBIAN_V2 = f"g{RUN_ID}-deb2"
+# an image whose application never starts (it exits at once): the health check after a swap to it fails
+BAD_APP = lifecycle.BuildSteps(files=[{"path": "/usr/sbin/osimg-app", "content": "#!/bin/sh\nexit 0\n",
+                                       "mode": "0755"}])
+
+
+def _golden(ctx: Context, name: str, source: str, steps: lifecycle.BuildSteps | None = None,
+            boot_timeout: float = 180) -> str:
+    t0 = time.monotonic()
+    lifecycle.build(ctx, name, source, steps, boot_timeout=boot_timeout)
+    print(f"\n[measure] session golden image {name} from {source} captured in {time.monotonic() - t0:.1f}s")
+    return name
+
+
+@pytest.fixture(scope="session")
+def gold_v1(ctx: Context) -> str:
+    """A golden image captured from tiny:v1 (disk and memory state), for the session."""
+    return _golden(ctx, GOLD_V1, "tiny:v1")
+
+
+@pytest.fixture(scope="session")
+def gold_v2(ctx: Context) -> str:
+    """A golden image captured from tiny:v2, for the session."""
+    return _golden(ctx, GOLD_V2, "tiny:v2")
+
+
+@pytest.fixture(scope="session")
+def gold_bad(ctx: Context) -> str:
+    """A golden tiny:v2 image whose application never answers, for the session."""
+    return _golden(ctx, GOLD_BAD, "tiny:v2", BAD_APP)
+
+
+@pytest.fixture(scope="session")
+def gold_debian_v2(ctx: Context) -> str:
+    """A golden image captured from debian:v2 (600 s: TCG on a loaded 2-core host boots Debian slowly)."""
+    return _golden(ctx, GOLD_DEBIAN_V2, "debian:v2", boot_timeout=600)

@@ -22,11 +22,11 @@ from orchestrator.host.ssh import Session, wait_banner
 from orchestrator.images import catalog, lifecycle
 from orchestrator.swap.steps import NO_RESEED_ENV, PAGEIN_FILE, guest_sh, reseed
 
-from .conftest import RUN_ID, gname, osimg
+from .conftest import GOLD_V1, GOLD_V2, RUN_ID, gname, osimg
 
 pytestmark = pytest.mark.guest
 
-V1, V2 = f"i{RUN_ID}-v1", f"i{RUN_ID}-v2"
+V1, V2 = GOLD_V1, GOLD_V2
 
 
 def presented_key(port: int) -> str:
@@ -43,10 +43,8 @@ def presented_key(port: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def golden(ctx: Context) -> Iterator[None]:
-    lifecycle.build(ctx, V1, "tiny:v1")
-    lifecycle.build(ctx, V2, "tiny:v2")
-    yield
+def golden(gold_v1: str, gold_v2: str) -> None:
+    """V1 and V2 are the session's golden images (conftest): captured once, never changed by a test."""
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +178,13 @@ def test_guests_paged_in_from_one_state_draw_different_random_bytes(ctx: Context
     assert seen[True][0] != seen[True][1]
 
 
-def test_debian_guests_paged_in_from_one_state_get_their_own_machine_id_and_host_key(ctx: Context) -> None:
+def test_debian_guests_paged_in_from_one_state_get_their_own_machine_id_and_host_key(
+        ctx: Context, gold_debian_v2: str) -> None:
     """Debian's side of the live identity: OpenSSH reloads the guest's own key (SIGHUP) and each guest
     gets its own /etc/machine-id, on two guests paged in from one golden state (the warm swap's steps
-    after the page-in: reseed, then the live customization)."""
-    gold = f"i{RUN_ID}-deb"
-    lifecycle.build(ctx, gold, "debian:v1", boot_timeout=600)
+    after the page-in: reseed, then the live customization). The state is the session's Debian golden
+    image (conftest), the one test_quiesce swaps to."""
+    gold = gold_debian_v2
     img = catalog.resolve(ctx, gold)
     assert img.state_file is not None
     made = []

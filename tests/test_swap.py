@@ -20,24 +20,23 @@ from orchestrator import guests, swap
 from orchestrator.context import Context
 from orchestrator.customize import Customization
 from orchestrator.errors import NotFoundError, SwapError
-from orchestrator.images import catalog, lifecycle
+from orchestrator.images import catalog
 
-from .conftest import HOME, RUN_ID, gname, osimg
+from .conftest import GOLD_BAD, GOLD_V1, GOLD_V2, HOME, RUN_ID, gname, osimg
 
 pytestmark = pytest.mark.guest
 
-V1, V2, BAD = f"s{RUN_ID}-v1", f"s{RUN_ID}-v2", f"s{RUN_ID}-v2bad"
-BAD_WAIT = 20.0  # health wait for the bad image, whose application never answers (the default is 120 s)
+V1, V2, BAD = GOLD_V1, GOLD_V2, GOLD_BAD  # the session's golden images (conftest); BAD's application never starts
+# Health waits for the bad image, whose application never answers (the default is 120 s): a warm swap
+# waits this long for the paged-in application, which on a good image answers within a second of the
+# customization; a cold swap waits up to this long for the boot (~6 s under TCG), then as long again.
+BAD_WAIT = 8.0
+BAD_WAIT_COLD = 20.0
 
 
 @pytest.fixture(scope="module")
-def golden(ctx: Context) -> Iterator[None]:
-    lifecycle.build(ctx, V1, "tiny:v1")
-    lifecycle.build(ctx, V2, "tiny:v2")
-    # an image whose application never starts: the health check after a swap must fail
-    lifecycle.build(ctx, BAD, "tiny:v2", lifecycle.BuildSteps(
-        files=[{"path": "/usr/sbin/osimg-app", "content": "#!/bin/sh\nexit 0\n", "mode": "0755"}]))
-    yield
+def golden(gold_v1: str, gold_v2: str, gold_bad: str) -> None:
+    """V1, V2 and BAD, captured once per session: no test here changes or removes them."""
 
 
 def _guest(ctx: Context, label: str, custom: Customization | None = None) -> guests.Guest:
@@ -54,6 +53,17 @@ def guest(ctx: Context, golden: None, request: pytest.FixtureRequest) -> Iterato
     g = _guest(ctx, request.node.name.split("[")[0].removeprefix("test_")[:20].replace("_", "-"))
     yield g
     guests.remove(ctx, g.name)
+
+
+@pytest.fixture(scope="module")
+def idle(ctx: Context, golden: None) -> Iterator[guests.Guest]:
+    """A v1 guest that no test swaps: a refused swap, a dry run and a rollout that stops before it
+    share it (one boot instead of three); each checks that it is still on v1, untouched."""
+    g = _guest(ctx, "idle")
+    try:
+        yield g
+    finally:
+        guests.remove(ctx, g.name)
 
 
 def _inside(ctx: Context, name: str) -> tuple[str, str]:
@@ -85,7 +95,8 @@ def test_swap_v1_to_v2_keeps_counter_and_data(ctx: Context, guest: guests.Guest,
     assert swap.journal.entries(ctx) == []
 
 
-def test_swap_to_corrupt_image_is_refused_before_touching_the_guest(ctx: Context, guest: guests.Guest) -> None:
+def test_swap_to_corrupt_image_is_refused_before_touching_the_guest(ctx: Context, idle: guests.Guest) -> None:
+    guest = idle
     bad = f"s{RUN_ID}-corrupt"
     catalog.clone(ctx, V2, bad)
     disk = catalog.image_dir(ctx, bad) / "disk.qcow2"
@@ -121,17 +132,17 @@ def test_failed_health_check_rolls_back_with_counter_intact(ctx: Context, guest:
     assert swap.journal.entries(ctx) == []
 
 
-def test_rollout_stops_after_max_failures(ctx: Context, guest: guests.Guest) -> None:
-    second = _guest(ctx, "second")
-    try:
-        results = swap.rollout(ctx, replace(swap.plan(ctx, [guest.name, second.name], BAD, "warm", batch=1,
-                                                      max_failures=1), health_timeout=BAD_WAIT))
-        assert [r.rolled_back for r in results] == [True, False]
-        assert results[1].skipped and "not attempted" in (results[1].error or "")
-        for g in (guest, second):
-            assert _inside(ctx, g.name)[0] == "v1"
-    finally:
-        guests.remove(ctx, second.name)
+def test_rollout_stops_after_max_failures(ctx: Context, guest: guests.Guest, idle: guests.Guest) -> None:
+    second = idle  # never attempted, so never touched
+    second_marker = _marker(ctx, second)
+    results = swap.rollout(ctx, replace(swap.plan(ctx, [guest.name, second.name], BAD, "warm", batch=1,
+                                                  max_failures=1), health_timeout=BAD_WAIT))
+    assert [r.rolled_back for r in results] == [True, False]
+    assert results[1].skipped and "not attempted" in (results[1].error or "")
+    for g in (guest, second):
+        assert _inside(ctx, g.name)[0] == "v1"
+    assert _inside(ctx, second.name)[1] == second_marker
+    assert guests.load(ctx, second.name).overlay_file == second.overlay_file
 
 
 def test_killed_orchestrator_then_resume_leaves_guest_whole(ctx: Context, guest: guests.Guest) -> None:
@@ -191,7 +202,8 @@ def _state(ctx: Context, g: guests.Guest) -> dict[str, object]:
             "domains": sorted(d.name for d in ctx.hv.list_domains())}
 
 
-def test_dry_run_changes_nothing(ctx: Context, guest: guests.Guest) -> None:
+def test_dry_run_changes_nothing(ctx: Context, idle: guests.Guest) -> None:
+    guest = idle
     before = _state(ctx, guest)
     res = osimg("swap", guest.name, "--to", V2, "--dry-run", "--json")
     assert res.returncode == 0, res.stderr
@@ -213,7 +225,7 @@ def test_failed_cold_swap_rolls_back_with_data(ctx: Context, guest: guests.Guest
     inode = old_overlay.stat().st_ino
     before = guests.app_counter(guest.app_port)
     assert before is not None
-    res = swap.swap_guest(ctx, guest.name, BAD, "cold", health_timeout=45)
+    res = swap.swap_guest(ctx, guest.name, BAD, "cold", health_timeout=BAD_WAIT_COLD)
     assert not res.ok and res.rolled_back, res
     assert "cold swap failed" in (res.error or "") and "application" in (res.error or "")
     assert _inside(ctx, guest.name) == ("v1", marker)
