@@ -22,13 +22,12 @@ import pytest
 
 from orchestrator import guests, swap
 from orchestrator.context import Context
-from orchestrator.images import lifecycle
 
-from .conftest import HOME, RUN_ID, gname
+from .conftest import GOLD_DEBIAN_V2, HOME, gname
 
 pytestmark = pytest.mark.guest
 
-V2 = f"c{RUN_ID}-deb2"
+V2 = GOLD_DEBIAN_V2
 ANSWER = re.compile(r"^(\d+) (\S+) pid=(\d+) started=([\d.]+) served=(\d+)$")
 
 
@@ -58,9 +57,8 @@ def stopped_swap(g: guests.Guest, target: str, failpoint: str) -> subprocess.Pop
 
 
 @pytest.fixture(scope="module")
-def deb_guest(ctx: Context) -> Iterator[guests.Guest]:
-    """A Debian v1 guest with a data volume running the demo server, and the captured Debian v2."""
-    lifecycle.build(ctx, V2, "debian:v2", boot_timeout=600)
+def deb_guest(ctx: Context, gold_debian_v2: str) -> Iterator[guests.Guest]:
+    """A Debian v1 guest with a data volume running the demo server (the session's Debian v2 is the target)."""
     g = guests.create(ctx, gname("carry"), "debian:v1", data_size=64 << 20)
     try:
         guests.wait_ready(ctx, g, timeout=600)
