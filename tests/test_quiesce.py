@@ -3,6 +3,7 @@ to /data loses none of them, on commit and on rollback, warm and cold (real tiny
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -94,30 +95,46 @@ def _swap_writing(ctx: Context, g: guests.Guest, target: str, strategy: str,
     return res, v.count
 
 
+@contextlib.contextmanager
 def _writing_guest(ctx: Context, label: str, image: str) -> Iterator[guests.Guest]:
+    """A guest whose quiesce.start is the writer, started (not waited for), removed at the end."""
     custom = Customization(quiesce=Quiesce(start=Writer().start_command(), grace=10))
     g = guests.create(ctx, gname(label), image, custom=custom, data_size=64 << 20)
     try:
-        guests.wait_ready(ctx, g, timeout=600)
         yield g
     finally:
         guests.remove(ctx, g.name)
 
 
 @pytest.fixture(scope="module")
-def tiny_guest(ctx: Context, golden: None) -> Iterator[guests.Guest]:
+def debian_started(ctx: Context, request: pytest.FixtureRequest) -> Iterator[guests.Guest | None]:
+    """The Debian guest, started by the module's first test when a Debian test is selected and waited
+    for only by the Debian tests: its ~40 s boot (one core under TCG) overlaps the tiny tests."""
+    if not any(item.module is request.module and "debian" in item.name for item in request.session.items):
+        yield None
+        return
+    with _writing_guest(ctx, "qdeb", "debian:v1") as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def tiny_guest(ctx: Context, golden: None, debian_started: guests.Guest | None) -> Iterator[guests.Guest]:
     """One tiny:v1 guest running the writer as its quiesce.start, for the tests whose swaps leave it
     on a healthy OS (one boot instead of five): the warm commit (to V2), the cold commit (back to V1),
     both rollbacks (V1 -> BAD -> V1), then the in-place quiesce. The writer goes on in one records
     file throughout, which the checker reads whole each time."""
-    yield from _writing_guest(ctx, "qtiny", "tiny:v1")
+    with _writing_guest(ctx, "qtiny", "tiny:v1") as g:
+        guests.wait_ready(ctx, g, timeout=600)
+        yield g
 
 
 @pytest.fixture(scope="module")
-def debian_guest(ctx: Context) -> Iterator[guests.Guest]:
+def debian_guest(ctx: Context, debian_started: guests.Guest | None) -> guests.Guest:
     """One debian:v1 guest running the writer as its quiesce.start (a Debian boot takes ~40 s under
     TCG): the in-place quiesce test uses it first, then the warm swap test swaps it."""
-    yield from _writing_guest(ctx, "qdeb", "debian:v1")
+    assert debian_started is not None, "debian_started found no Debian test in this module"
+    guests.wait_ready(ctx, debian_started, timeout=600)
+    return debian_started
 
 
 @pytest.mark.parametrize("strategy", ["warm", "cold"])
