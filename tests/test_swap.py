@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import pytest
 from orchestrator import guests, swap
 from orchestrator.context import Context
 from orchestrator.customize import Customization
-from orchestrator.errors import NotFoundError, SwapError
+from orchestrator.errors import NotFoundError, OsimgError, SwapError
 from orchestrator.images import catalog
 
 from .conftest import GOLD_BAD, GOLD_V1, GOLD_V2, HOME, RUN_ID, gname, osimg
@@ -39,8 +40,11 @@ def golden(gold_v1: str, gold_v2: str, gold_bad: str) -> None:
     """V1, V2 and BAD, captured once per session: no test here changes or removes them."""
 
 
-def _guest(ctx: Context, label: str, custom: Customization | None = None) -> guests.Guest:
-    g = guests.create(ctx, gname(label), V1, custom=custom, data_size=64 << 20)
+def _start(ctx: Context, label: str, custom: Customization | None = None) -> guests.Guest:
+    return guests.create(ctx, gname(label), V1, custom=custom, data_size=64 << 20)
+
+
+def _ready(ctx: Context, g: guests.Guest) -> guests.Guest:
     guests.wait_ready(ctx, g)
     assert guests.wait_app(g.app_port, 30) is not None, "demo app did not start on v1"
     with guests.session(ctx, g) as s:
@@ -48,11 +52,38 @@ def _guest(ctx: Context, label: str, custom: Customization | None = None) -> gue
     return g
 
 
+def _guest(ctx: Context, label: str, custom: Customization | None = None) -> guests.Guest:
+    return _ready(ctx, _start(ctx, label, custom))
+
+
+@pytest.fixture(scope="module")
+def spare(ctx: Context) -> Iterator[list[guests.Guest]]:
+    """Guests ``guest`` started ahead: the next test's fresh guest boots while this one runs."""
+    started: list[guests.Guest] = []
+    yield started
+    for g in started:
+        with contextlib.suppress(OsimgError):
+            guests.remove(ctx, g.name)
+
+
+def _label(node: pytest.Item, i: int) -> str:
+    return f"{node.name.split('[')[0].removeprefix('test_')[:18].replace('_', '-')}{i}"
+
+
 @pytest.fixture
-def guest(ctx: Context, golden: None, request: pytest.FixtureRequest) -> Iterator[guests.Guest]:
-    g = _guest(ctx, request.node.name.split("[")[0].removeprefix("test_")[:20].replace("_", "-"))
-    yield g
-    guests.remove(ctx, g.name)
+def guest(ctx: Context, golden: None, spare: list[guests.Guest],
+          request: pytest.FixtureRequest) -> Iterator[guests.Guest]:
+    """A fresh v1 guest with a data marker, removed after the test. It was started during the test
+    before (its boot overlaps that test), and it starts the next test's guest before this one runs."""
+    users = [i for i in request.session.items if i.module is request.module and "guest" in i.fixturenames]
+    i = users.index(request.node) if request.node in users else -1
+    g = spare.pop(0) if spare else _start(ctx, _label(request.node, i))
+    try:
+        if 0 <= i < len(users) - 1:
+            spare.append(_start(ctx, _label(users[i + 1], i + 1)))
+        yield _ready(ctx, g)
+    finally:
+        guests.remove(ctx, g.name)
 
 
 @pytest.fixture(scope="module")
