@@ -134,7 +134,8 @@ class Carry:
 
     @classmethod
     def from_value(cls, value: Any, where: str) -> list[Carry] | None:
-        """From a spec's list of mappings; None (the key absent) means the image's default."""
+        """From a spec's list of mappings (their shape only: ``Customization.validate`` checks each tree
+        and that no name comes twice); None (the key absent) means the image's default."""
         if value is None:
             return None
         if not isinstance(value, list) or len(value) > MAX_CARRIED:
@@ -149,11 +150,8 @@ class Carry:
             if unknown:
                 raise ValidationError(f"{where}.carry.{short(unknown[0])}: unknown key; expected "
                                       f"{', '.join(CARRY_KEYS)}")
-            c = cls(name=item.get("name"), pidfile=item.get("pidfile"), unit=item.get("unit"),  # type: ignore[arg-type]
-                    files=item.get("files") or [], pause=item.get("pause")).validate(where)
-            if any(o.name == c.name for o in out):
-                raise ValidationError(f"{where}.carry: {c.name!r} is listed twice")
-            out.append(c)
+            out.append(cls(name=item.get("name"), pidfile=item.get("pidfile"), unit=item.get("unit"),  # type: ignore[arg-type]
+                           files=item.get("files") or [], pause=item.get("pause")))
         return out
 
 
