@@ -70,16 +70,18 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         # which process trees can be carried, and the fingerprint of the files they run
         token = checkpoint_token(new_overlay) or ""
         mount = data_mount(g)
+        candidates = carried(g)
         ready: list[Carry] = []
-        if mount and carried(g):
-            out = guest_sh(ctx, g, checkpoints.prepare_script(carried(g), mount, token), "preparing the checkpoints")
+        if mount and candidates:
+            out = guest_sh(ctx, g, checkpoints.prepare_script(candidates, mount, token), "preparing the checkpoints")
             record_trees(g, res, out)
-            ready = [t for t in carried(g) if t.name in checkpoints.ready(out)]
-            for name, lines in checkpoints.fingerprints(out).items():
-                differs = checkpoints.target_differs(target.disk, lines) if name in {t.name for t in ready} else None
-                if differs is not None:
-                    ready = [t for t in ready if t.name != name]
-                    record_trees(g, res, f"carry {name} restarted the target image's {differs} differs\n")
+            found, prints = checkpoints.ready(out), checkpoints.fingerprints(out)
+            for t in (t for t in candidates if t.name in found):
+                differs = checkpoints.target_differs(target.disk, prints.get(t.name, []))
+                if differs is None:
+                    ready.append(t)
+                else:
+                    record_trees(g, res, f"carry {t.name} restarted the target image's {differs} differs\n")
         res.counter_before = guests.app_counter(g.app_port)
         mark(ctx, lease, g.name, journal.PREPARED)
         failpoint("warm-prepared")
@@ -133,7 +135,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         # in the same agent call as the rest of the customization, before anything connects over SSH
         # carried process trees come back right after the mounts, before anything else touches /data
         dumped = {p["name"] for p in res.processes if p.get("dump_seconds") is not None}
-        trees = [t for t in carried(new) if t.name in dumped]
+        trees = [t for t in ready if t.name in dumped]
         restore = checkpoints.restore_script(trees, mount, token) if trees and mount else ""
         out = guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid, new.own_key(ctx),
                                              uuidlib.uuid4().hex, after_mounts=restore),
@@ -156,8 +158,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         roll_back(ctx, lease, res, old, new_overlay, err, progress)
         return
     finish(ctx, lease, res, old, new, t0)
-    mount = data_mount(new)
     if res.ok and mount and res.processes:
         # outside the downtime: resumed trees get a scope of their own, the checkpoints go
         with contextlib.suppress(OsimgError):
-            guest_sh(ctx, new, checkpoints.cleanup_script(carried(new), mount), "removing the checkpoints")
+            guest_sh(ctx, new, checkpoints.cleanup_script(candidates, mount), "removing the checkpoints")
