@@ -469,8 +469,12 @@ def identity_lines(host_key: HostKey | None, machine_id: str | None) -> list[str
     return lines
 
 
+LIVE_PARTS = ("all", "staged", "data")
+DATA_SERIAL = "osimg-data"  # the data volume's virtio serial: how a guest script finds its device
+
+
 def live_script(c: Customization, guest: str, data_uuid: str | None, host_key: HostKey | None = None,
-                machine_id: str | None = None, after_mounts: str = "") -> str:
+                machine_id: str | None = None, after_mounts: str = "", part: str = "all") -> str:
     """The guest's NoCloud customization as a POSIX shell script for a *running* OS.
 
     A warm swap pages in a golden state that booted without this guest's config drive, so the same
@@ -478,10 +482,22 @@ def live_script(c: Customization, guest: str, data_uuid: str | None, host_key: H
     accounts, mounts, modules, init scripts, the app. Written for both busybox and Debian userlands
     (``ip``, ``findfs`` and plain file edits). ``after_mounts`` (a script) runs right after the
     mounts, before the init scripts and the application start.
+
+    ``part`` splits the script for a staged page-in (``swap.staging``): ``"staged"`` is everything
+    that needs no data volume (identity, hostname, address, accounts, modules, the other mounts) and
+    runs in the staging domain before the guest is quiesced; ``"data"`` is the rest (the data volume's
+    mount, ``after_mounts``, init scripts, the application), the only part left in the downtime.
     """
+    if part not in LIVE_PARTS:
+        raise ValueError(f"live_script part {part!r}")
     q = sh_quote
-    lines = ["set -u", *identity_lines(host_key, machine_id), f"H={q(c.short_hostname(guest))}",
-             'echo "$H" >/etc/hostname; hostname "$H"']
+    data_dev = f"UUID={data_uuid}" if data_uuid else None
+    lines = ["set -u"]
+    if part == "data":
+        mounts = _mount_lines(c, data_uuid, only=data_dev) if data_dev else []
+        return "\n".join(lines + mounts + _data_lines(c, after_mounts)) + "\n"
+    lines += [*identity_lines(host_key, machine_id), f"H={q(c.short_hostname(guest))}",
+              'echo "$H" >/etc/hostname; hostname "$H"']
     if c.address:
         lines += [
             "ip addr flush dev eth0",
@@ -525,7 +541,27 @@ def live_script(c: Customization, guest: str, data_uuid: str | None, host_key: H
             ]
     for m in c.kernel_modules:
         lines.append(f"modprobe {q(m)} || true")
+    if part == "staged":
+        return "\n".join(lines + _mount_lines(c, data_uuid, but=data_dev)) + "\n"
+    return "\n".join(lines + _mount_lines(c, data_uuid) + _data_lines(c, after_mounts)) + "\n"
+
+
+def _mount_lines(c: Customization, data_uuid: str | None, only: str | None = None,
+                 but: str | None = None) -> list[str]:
+    """Mount lines of ``c``'s mounts (with the data volume): all, ``only`` one device, or all ``but`` one.
+
+    Mounting ``only`` the data volume (a staged page-in's window) first drops the guest's cached
+    blocks of the data volume's device: the staged OS saw an empty stand-in disk there, and the
+    kernel would otherwise read the stand-in's zeros where the file system's superblock is.
+    """
+    q = sh_quote
+    lines: list[str] = []
+    if only is not None:
+        lines.append(f'for b in /sys/block/*; do s=; read -r s 2>/dev/null <"$b/serial"; '
+                     f'[ "$s" = {q(DATA_SERIAL)} ] && blockdev --flushbufs "/dev/${{b##*/}}"; done')
     for mnt in c.with_data(data_uuid).mounts:
+        if (only is not None and mnt.device != only) or (but is not None and mnt.device == but):
+            continue
         lines += [
             f"D={q(mnt.device)}; MP={q(mnt.path)}",
             # the device node of a hot-plugged disk can take a moment to appear; a device that is no
@@ -536,6 +572,13 @@ def live_script(c: Customization, guest: str, data_uuid: str | None, host_key: H
             'mkdir -p "$MP"',
             f'grep -q " $MP " /proc/mounts || mount -t {q(mnt.fstype)} -o {q(mnt.options)} "$DEV" "$MP"',
         ]
+    return lines
+
+
+def _data_lines(c: Customization, after_mounts: str) -> list[str]:
+    """What follows the mounts: ``after_mounts``, the init scripts, the application."""
+    q = sh_quote
+    lines: list[str] = []
     if after_mounts:
         # what must run once the mounts are back and before anything else touches them (the
         # restore of carried processes): a function body of its own, its failure fails the script
@@ -544,7 +587,7 @@ def live_script(c: Customization, guest: str, data_uuid: str | None, host_key: H
         lines.append(f"sh -c {q(script)} || echo \"init script failed: $?\" >&2")
     # the application keeps its state on the data volume: no /data, no application
     lines.append('if grep -q " /data " /proc/mounts; then /usr/sbin/osimg-app start; fi')
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def sh_quote(s: str) -> str:

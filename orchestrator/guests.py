@@ -35,7 +35,7 @@ from .validate import name as valid_name
 
 DATA_LABEL = "osimg-data"
 DATA_TARGET = "vdc"
-DATA_SERIAL = "osimg-data"
+DATA_SERIAL = customize.DATA_SERIAL
 MAX_VCPUS = 64
 MIN_DATA, MAX_DATA = 8 << 20, 16 << 40  # mkfs.ext4 needs a few MiB; the fleet spec allows the same range
 HOST_KEY_FILE = "ssh_host_ed25519_key"

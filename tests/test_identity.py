@@ -20,7 +20,7 @@ from orchestrator.errors import GuestError
 from orchestrator.host.domain import DomainDocument, retarget_saved_state, rewrite_identity
 from orchestrator.host.ssh import Session, wait_banner
 from orchestrator.images import catalog, lifecycle
-from orchestrator.swap.steps import NO_RESEED_ENV, PAGEIN_FILE, guest_sh, reseed
+from orchestrator.swap.steps import NO_RESEED_ENV, PAGEIN_FILE, STAGING_SUFFIX, guest_sh, reseed
 
 from .conftest import GOLD_V1, GOLD_V2, RUN_ID, gname, osimg
 
@@ -122,15 +122,20 @@ def test_rotating_a_host_key_installs_and_pins_the_new_one(ctx: Context, pair: l
     assert oct(now.host_key_file(ctx).stat().st_mode & 0o777) == "0o600"
 
 
-def test_a_golden_image_without_the_reseed_helper_is_rolled_back(ctx: Context, pair: list[guests.Guest]) -> None:
-    """An image captured without osimg-reseed cannot be reseeded: the swap fails fast and rolls back."""
+def test_a_golden_image_without_the_reseed_helper_is_refused_before_the_window(
+        ctx: Context, pair: list[guests.Guest]) -> None:
+    """An image captured without osimg-reseed cannot be reseeded: staging its page-in fails (the
+    reseed is the staging domain's first command), so the swap stops before the guest is touched."""
     bare = f"i{RUN_ID}-noreseed"
     lifecycle.build(ctx, bare, "tiny:v2", lifecycle.BuildSteps(commands=["rm /usr/sbin/osimg-reseed"]))
     g = guests.load(ctx, pair[1].name)
+    files = sorted(p.name for p in g.dir(ctx).iterdir())
     [r] = swap.rollout(ctx, swap.plan(ctx, [g.name], bare, "warm"))
-    assert not r.ok and r.rolled_back, r
+    assert not r.ok and not r.rolled_back, r
     assert "osimg-reseed" in (r.error or "") and "\n" not in (r.error or ""), r.error
-    assert "reseed" not in r.steps and list(r.steps)[-1] == "page-in", r.steps
+    assert "not started" in (r.error or "") and "page-in" not in r.steps, (r.error, r.steps)
+    assert not any(d.name.endswith(STAGING_SUFFIX) for d in ctx.hv.list_domains()), "a staging domain was left"
+    assert sorted(p.name for p in g.dir(ctx).iterdir()) == files, "the staging's files were left"
     back = guests.load(ctx, g.name)
     assert back.image == g.image and presented_key(back.ssh_port) == g.host_key
 

@@ -107,6 +107,7 @@ def create_overlay(path: Path, backing: Path, size: int | None = None) -> None:
 
 
 def create_blank(path: Path, size: int) -> None:
+    """An empty qcow2 of ``size`` bytes (a stand-in disk: the same device, none of the data)."""
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], f"create {path.name}")
 
 

@@ -1,16 +1,21 @@
 """Quiesce-swap-resume: replace the OS of running guests, warm or cold, with health checks and rollback.
 
-**warm** (the invention): the target image was captured with its memory state. For guest G: prepare
-G's own page-in file (the golden state carrying G's identity) and a fresh overlay on the new base;
-quiesce G (stop its application, unmount and detach its data volume, suspend: no fsfreeze, the
-internal snapshot of a paused guest holds memory and disk at one instant); page out the old OS into
-an internal snapshot of its own overlay (memory and disk, for rollback); page in the golden state
-(with a new VM generation ID); reseed its RNG and set its clock through the guest agent, before
-anything else runs in it; hot-attach G's data volume; apply G's customization live through the guest
-agent (with G's own SSH host key and a new machine-id); start G's application; verify; commit or
-roll back. Where the image has CRIU (Debian), G's application is not stopped and started but
-carried: checkpointed in the quiesce and restored on the new OS right after its mounts, with its
-memory (``swap.checkpoints``).
+**warm** (the invention): the target image was captured with its memory state. For guest G, before
+anything of G stops: a fresh overlay on the new base, and G's own page-in file, *staged*
+(``swap.staging``): the golden state restored into a staging domain on that overlay, reseeded, given
+G's settings (host key, machine-id, hostname, address, accounts, modules, mounts other than the data
+volume) and an empty stand-in disk in the data volume's slot, then saved under G's identity. Then
+the downtime window: quiesce G (stop its application, unmount and detach its data volume, suspend:
+no fsfreeze, the internal snapshot of a paused guest holds memory and disk at one instant); page out
+the old OS into an internal snapshot of its own overlay (memory and disk, for rollback); page in the
+staged state (with a new VM generation ID; its XML names the real data volume where the stand-in
+was, so nothing is hot-plugged); reseed its RNG and set its clock through the guest agent, before
+anything else runs in it; mount the data volume and start G's application (one guest-agent call);
+verify; commit or roll back. Where the image has CRIU (Debian), G's application is not stopped and
+started but carried: checkpointed in the quiesce and restored on the new OS right after its mounts,
+with its memory (``swap.checkpoints``). Guests on a libvirt network are not staged (see
+``swap.staging``): their page-in file is the golden state under their identity, the data volume is
+hot-plugged and the whole customization runs in the window.
 
 **cold** (the baseline): shut G down, put a fresh overlay on the new base under it, boot (the
 config drive re-applies G's customization and the image starts the application), verify.
@@ -31,8 +36,16 @@ What we learned from libvirt 9.0 while building this:
   snapshot (QEMU savevm into the qcow2 overlay; the read-only config drive is skipped) takes
   ~0.4 s and ``revertToSnapshot`` brings the old OS back for a rollback. The data volume is
   detached first so the snapshot never covers it and a rollback cannot rewind the data.
-- Tearing down a domain costs ~1.6 s on this host even after SIGKILL (libvirt's cleanup), and it
-  sits inside the downtime window; it dominates what remains of the warm downtime here.
+- Tearing down a paused domain (``virDomainDestroy``) costs ~0.2 s on this host (libvirt's cleanup
+  after QEMU exits), restoring a ~100 MiB state ~0.35 s, the internal snapshot ~0.15 s: these three
+  (the page-out, the destroy and the page-in) are what a warm swap cannot stage, about 0.7 s of a
+  tiny guest's window under TCG. The rest is guest work: the release (~0.25 s), the data volume's
+  hot-unplug (the guest must let go: ~0.25 s), the reseed (its first agent call waits for the
+  agent to reconnect: ~0.2 s), the mount and the application's start.
+- A hot-plugged disk takes a TCG guest ~0.5 s to notice; a staged page-in avoids that by saving the
+  staging domain with an empty stand-in disk of the data volume's size in that slot and restoring
+  with the data volume's path there (a disk's path is not guest-visible ABI). The guest dropped the
+  stand-in's cached blocks (``blockdev --flushbufs``) before it mounts the real one.
 - A cold swap cannot carry the old overlay's blocks onto another base safely (they describe
   the old filesystem's layout), so it too starts from a fresh overlay: a guest's own state lives
   in its data volume and its customization, which both strategies keep.

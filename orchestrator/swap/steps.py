@@ -32,6 +32,7 @@ PAGEIN_FILE = "pagein.sav"
 RESUME_HINT = "run 'osimg swap --resume'"
 RESEED_HELPER = "/usr/sbin/osimg-reseed"  # images/common/reseed, built into every guest image
 RESEED_BYTES = 64
+STAGING_SUFFIX = "~staged"  # "~" is not allowed in a guest name: a staging domain is never taken for a guest
 # For the experiment in the README only (are restored RNG states really identical?): "1" skips the
 # reseed. Never set it in production: guests paged in from one state then share their RNG output.
 NO_RESEED_ENV = "OSIMG_EXPERIMENT_NO_RESEED"
@@ -66,9 +67,26 @@ class SwapResult:
 
 QUIESCED = "osimg-quiesced"  # the source name of the read-only tmpfs that covers an unmounted /data
 
+# processes with $M (or a file under it) as working directory, root, open file or mapping, except
+# the line of ancestors in $anc: "PID NAME"
+HOLDERS = r"""
+holders() {
+  ls -l /proc/[0-9]*/cwd /proc/[0-9]*/root /proc/[0-9]*/fd 2>/dev/null | awk -v m="$M" -v anc="$anc" '
+    function hit(p) { if (index(anc, " " p " ") == 0 && !(p in seen)) { seen[p] = 1
+        c = "?"; if ((getline c < ("/proc/" p "/comm")) <= 0) c = "?"; close("/proc/" p "/comm"); print p, c } }
+    FILENAME !~ /maps$/ && /^\/proc\/[0-9]+\/fd:$/ { split($0, a, "/"); pid = a[3]; next }
+    FILENAME !~ /maps$/ && / -> / { i = index($0, " -> "); t = substr($0, i + 4); src = substr($0, 1, i - 1)
+        p = pid; if (match(src, /\/proc\/[0-9]+\/(cwd|root)$/)) { split(substr(src, RSTART), a, "/"); p = a[3] }
+        if (t == m || index(t, m "/") == 1) hit(p); next }
+    FILENAME ~ /maps$/ && index($0, " " m "/") { split(FILENAME, a, "/"); hit(a[3]) }
+  ' - /proc/[0-9]*/maps 2>/dev/null
+}
+"""
+
 # POSIX sh for busybox and Debian. $1 the data mount point, $2 the grace in seconds, $3 the workload's
-# stop command (may be empty). Prints "held PID NAME" for each process that had /data before the
-# stop commands, "killed PID NAME" for each killed after the grace, "quiesced" at the end.
+# stop command (may be empty), $4 "scan" to list the holders first (a warm swap lists them before its
+# window, see HELD). Prints "held PID NAME" for each process that had /data before the stop commands,
+# "killed PID NAME" for each killed after the grace, "quiesced" at the end.
 QUIESCE = r"""
 set -u
 M=$1; GRACE=$2; STOP=$3
@@ -85,19 +103,8 @@ done
 # process trees checkpointed for a carry (swap.checkpoints): left stopped, and never thawed here
 carried=" "
 #CARRY-DUMP#
-# processes with M (or a file under it) as working directory, root, open file or mapping: "PID NAME"
-holders() {
-  ls -l /proc/[0-9]*/cwd /proc/[0-9]*/root /proc/[0-9]*/fd 2>/dev/null | awk -v m="$M" -v anc="$anc" '
-    function hit(p) { if (index(anc, " " p " ") == 0 && !(p in seen)) { seen[p] = 1
-        c = "?"; if ((getline c < ("/proc/" p "/comm")) <= 0) c = "?"; close("/proc/" p "/comm"); print p, c } }
-    FILENAME !~ /maps$/ && /^\/proc\/[0-9]+\/fd:$/ { split($0, a, "/"); pid = a[3]; next }
-    FILENAME !~ /maps$/ && / -> / { i = index($0, " -> "); t = substr($0, i + 4); src = substr($0, 1, i - 1)
-        p = pid; if (match(src, /\/proc\/[0-9]+\/(cwd|root)$/)) { split(substr(src, RSTART), a, "/"); p = a[3] }
-        if (t == m || index(t, m "/") == 1) hit(p); next }
-    FILENAME ~ /maps$/ && index($0, " " m "/") { split(FILENAME, a, "/"); hit(a[3]) }
-  ' - /proc/[0-9]*/maps 2>/dev/null
-}
-holders | while read -r p c; do echo "held $p $c"; done
+#HOLDERS#
+[ "${4:-}" = scan ] && holders | while read -r p c; do echo "held $p $c"; done
 [ -n "$STOP" ] && { sh -c "$STOP" </dev/null >/dev/null 2>&1 || echo "stop command failed: $?" >&2; }
 ap=; [ -f /run/osimg-app.pid ] && read -r ap </run/osimg-app.pid  # a builtin: no fork in the window
 case "$carried" in *" ${ap:-none} "*) ;; *) [ -x /usr/sbin/osimg-app ] && /usr/sbin/osimg-app stop >/dev/null 2>&1
@@ -125,7 +132,16 @@ while :; do
   n=$((n + 1))
   sleep 0.1
 done
-""".replace("QUIESCED", QUIESCED)
+""".replace("QUIESCED", QUIESCED).replace("#HOLDERS#\n", HOLDERS)
+
+# Which processes hold $1 (the data mount): "held PID NAME" lines, the quiesce's report, run before a
+# warm swap's window (the listing reads every process's maps: ~0.1 s of a tiny guest under TCG)
+HELD = r"""
+M=$1; anc=" 0 1 2 $$ "
+HOLDERS
+holders | while read -r p c; do echo "held $p $c"; done
+exit 0
+""".replace("HOLDERS\n", HOLDERS)
 
 # The reverse, for a rollback to the old OS: lift the read-only cover so /data can be mounted again.
 UNQUIESCE = f"""
@@ -199,8 +215,25 @@ def record_trees(g: guests.Guest, res: SwapResult, out: str) -> None:
     res.processes = [asdict(t) for t in known.values()]
 
 
+def held(ctx: Context, g: guests.Guest, res: SwapResult) -> None:
+    """List the processes that hold the data mount into ``res.stopped`` (a warm swap does it before
+    its window, so the quiesce in the window goes straight to stopping them)."""
+    mount = data_mount(g)
+    if mount is not None:
+        _fold(res, guest_sh(ctx, g, f"set -- {sh_quote(mount)}\n{HELD}", f"listing what holds {mount}"))
+
+
+def _fold(res: SwapResult, out: str) -> None:
+    for line in out.splitlines():
+        kind, _, what = line.partition(" ")
+        if kind == "held" and what not in res.stopped:
+            res.stopped.append(what)
+        elif kind == "killed" and what not in res.killed:
+            res.killed.append(what)
+
+
 def quiesce(ctx: Context, g: guests.Guest, res: SwapResult, trees: list[Carry] | None = None,
-            token: str = "") -> None:
+            token: str = "", scanned: bool = False) -> None:
     """Stop the guest's workload and let go of its data volume, so no later write can go astray.
 
     The guest's own stop command and the image's application stop first; whatever still holds the
@@ -211,7 +244,8 @@ def quiesce(ctx: Context, g: guests.Guest, res: SwapResult, trees: list[Carry] |
     hidden on rollback and deleted on commit.
 
     ``trees`` (a warm swap's, prepared under ``token``) are checkpointed first and left stopped
-    (``swap.checkpoints``); in the same guest command, so the release stays one agent round trip."""
+    (``swap.checkpoints``); in the same guest command, so the release stays one agent round trip.
+    ``scanned``: ``held`` already listed the holders (not again inside the window)."""
     mount = data_mount(g)
     if mount is None:
         guest_sh(ctx, g, "[ -x /usr/sbin/osimg-app ] && /usr/sbin/osimg-app stop; sync; exit 0\n",
@@ -219,15 +253,10 @@ def quiesce(ctx: Context, g: guests.Guest, res: SwapResult, trees: list[Carry] |
         return
     q = g.custom().quiesce
     dump = checkpoints.dump_script(trees or [], mount, token)
-    script = f"set -- {sh_quote(mount)} {math.ceil(q.grace)} {sh_quote(q.stop or '')}\n" + \
-        QUIESCE.replace("#CARRY-DUMP#", dump)
+    script = f"set -- {sh_quote(mount)} {math.ceil(q.grace)} {sh_quote(q.stop or '')} " \
+             f"{'' if scanned else 'scan'}\n" + QUIESCE.replace("#CARRY-DUMP#", dump)
     out = guest_sh(ctx, g, script, f"quiescing the workload and unmounting {mount}", timeout=q.grace + 120)
-    for line in out.splitlines():
-        kind, _, what = line.partition(" ")
-        if kind == "held" and what not in res.stopped:
-            res.stopped.append(what)
-        elif kind == "killed" and what not in res.killed:
-            res.killed.append(what)
+    _fold(res, out)
     record_trees(g, res, out)
 
 
@@ -342,8 +371,15 @@ def mark(ctx: Context, lease: Lease, name: str, step: str) -> None:
     journal.write(ctx, lease, name, step=step)
 
 
+def staging_name(guest: str) -> str:
+    """The name of the domain a warm swap stages ``guest``'s page-in in (``swap.staging``)."""
+    return guest + STAGING_SUFFIX
+
+
 def discard(ctx: Context, lease: Lease, gdir: Path, files: list[str], name: str) -> None:
-    """Remove what a swap prepared before its downtime window, then its journal entry."""
+    """Remove what a swap prepared before its downtime window (a staging domain and files), then its
+    journal entry."""
+    ctx.hv.destroy(staging_name(name))
     for f in files:
         (gdir / f).unlink(missing_ok=True)
     failpoint("discard-files-removed")

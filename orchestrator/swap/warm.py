@@ -6,9 +6,11 @@ See ``swap/__init__.py`` for the whole story and what libvirt taught us.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid as uuidlib
 from dataclasses import asdict
+from pathlib import Path
 
 from .. import guests
 from ..cluster.store import Lease
@@ -20,7 +22,7 @@ from ..host import qemu_img
 from ..host.domain import retarget_saved_state, rewrite_identity
 from ..images import catalog
 from ..process import Progress
-from . import checkpoints, journal
+from . import checkpoints, journal, staging
 from .steps import (
     PAGEIN_FILE,
     ROLLBACK_SNAPSHOT,
@@ -31,6 +33,7 @@ from .steps import (
     finish,
     guest_sh,
     health,
+    held,
     mark,
     moved,
     new_overlay_name,
@@ -44,6 +47,15 @@ from .steps import (
 )
 
 
+def cache(path: Path) -> None:
+    """Ask the kernel to read a page-in file into the page cache now, not inside the downtime."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResult, progress: Progress,
          health_timeout: float, lease: Lease) -> None:
     t0 = time.monotonic()
@@ -53,7 +65,8 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
     if target.state_file is None:
         raise SwapError(f"image {target.ref} has no memory state")
     new = moved(g, target, new_overlay)
-    files = [new_overlay, PAGEIN_FILE]
+    staged = staging.possible(g)
+    files = [new_overlay, PAGEIN_FILE, *(staging.FILES if staged else [])]
     journal.begin(ctx, lease, g.name, strategy="warm", from_image=g.image, to_image=target.ref, old=asdict(old),
                   new=asdict(new), files=files, snapshot=ROLLBACK_SNAPSHOT, holder=lease.fence.holder,
                   started=time.time())
@@ -63,10 +76,16 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         progress(f"{g.name}: preparing page-in of {target.ref}")
         qemu_img.create_overlay(gdir / new_overlay, target.disk)
         failpoint("warm-overlay-created")
-        spec = guests.domain_spec(ctx, new)
-        saved_xml = ctx.hv.saved_xml(str(target.state_file))
-        retarget_saved_state(target.state_file, gdir / PAGEIN_FILE, rewrite_identity(saved_xml, spec))
+        machine_id = uuidlib.uuid4().hex
+        if staged:
+            progress(f"{g.name}: staging {target.ref} with the guest's settings")
+            staging.stage(ctx, new, target, machine_id)
+        else:
+            spec = guests.domain_spec(ctx, new)
+            saved_xml = ctx.hv.saved_xml(str(target.state_file))
+            retarget_saved_state(target.state_file, gdir / PAGEIN_FILE, rewrite_identity(saved_xml, spec))
         failpoint("warm-pagein-written")
+        cache(gdir / PAGEIN_FILE)
         # which process trees can be carried, and the fingerprint of the files they run
         token = checkpoint_token(new_overlay) or ""
         mount = data_mount(g)
@@ -82,6 +101,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
                     ready.append(t)
                 else:
                     record_trees(g, res, f"carry {t.name} restarted the target image's {differs} differs\n")
+        held(ctx, g, res)
         res.counter_before = guests.app_counter(g.app_port)
         mark(ctx, lease, g.name, journal.PREPARED)
         failpoint("warm-prepared")
@@ -94,10 +114,12 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         # into a rollback after the new OS has written there.
         mark(ctx, lease, g.name, "releasing")
         failpoint("warm-releasing")
-        quiesce(ctx, g, res, ready, token)
+        quiesce(ctx, g, res, ready, token, scanned=True)
+        step(res, "release", t0)
         data_disk = guests.data_disk(ctx, g)
         if data_disk is not None:
             ctx.hv.detach_disk(g.name, data_disk)
+        step(res, "detach", t0)
         mark(ctx, lease, g.name, "released")
         failpoint("warm-released")
         # no fsfreeze (two agent round trips): the internal snapshot of a paused guest holds its
@@ -115,6 +137,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         progress(f"{g.name}: page in {target.ref}")
         ctx.hv.destroy(g.name)
         failpoint("warm-old-destroyed")
+        step(res, "destroy", t0)
         ctx.hv.restore(str(gdir / PAGEIN_FILE))
         mark(ctx, lease, g.name, "paged-in")
         failpoint("warm-paged-in")
@@ -126,7 +149,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         else:
             with contextlib.suppress(OsimgError):
                 ctx.hv.agent(g.name, "guest-set-time", {"time": time.time_ns()}, timeout=5)
-        if data_disk is not None:
+        if data_disk is not None and not staged:  # a staged page-in has it already (swap.staging)
             ctx.hv.attach_disk(g.name, data_disk)
         failpoint("warm-data-attached")
         step(res, "attach", t0)
@@ -137,8 +160,9 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         dumped = {p["name"] for p in res.processes if p.get("dump_seconds") is not None}
         trees = [t for t in ready if t.name in dumped]
         restore = checkpoints.restore_script(trees, mount, token) if trees and mount else ""
-        out = guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid, new.own_key(ctx),
-                                             uuidlib.uuid4().hex, after_mounts=restore),
+        # staged: only what needs the data volume is left (swap.staging)
+        out = guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid, new.own_key(ctx), machine_id,
+                                             after_mounts=restore, part="data" if staged else "all"),
                        "live customization", agent_up=reseeded)
         record_trees(new, res, out)
         start_workload(ctx, new)
