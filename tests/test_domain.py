@@ -20,7 +20,7 @@ import pytest
 from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.customize import Customization
-from orchestrator.errors import HypervisorError
+from orchestrator.errors import HypervisorError, ValidationError
 from orchestrator.host.domain import (
     NETDEV_ID,
     OSIMG_NS,
@@ -40,6 +40,8 @@ from orchestrator.host.domain import (
     snapshot_xml,
     user_netdev,
 )
+from orchestrator.swap.staging import staging_spec
+from orchestrator.validate import name as valid_name
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAVED_XML = (FIXTURES / "saved-state-domain.xml").read_text()
@@ -449,3 +451,27 @@ def test_page_in_gives_a_saved_state_with_a_genid_a_new_one_every_time(tmp_path:
     assert DomainDocument.parse(rewrite_identity(SAVED_XML, spec)).genid is None
     with pytest.raises(HypervisorError, match="cannot gain the vmgenid"):
         DomainDocument.parse(SAVED_XML).genid = gold
+
+
+def test_a_staging_domain_is_the_guest_without_its_forwards_its_data_and_its_name(tmp_path: Path) -> None:
+    """The staged page-in (swap.staging) runs beside the guest: it must not claim the guest's host
+    ports, its data volume, its console log, its name or its UUID; and the staged save, given the
+    guest's identity again, names the data volume where the staging had its stand-in disk."""
+    spec = page_in_spec(tmp_path)
+    staging = staging_spec(spec, tmp_path / "guests/web1")
+    assert staging.name == "web1~staged" and staging.uuid != spec.uuid
+    with pytest.raises(ValidationError):  # no guest can have a staging domain's name
+        valid_name(staging.name)
+    assert [d.target for d in staging.disks] == ["vda"] and staging.disks[0] == spec.disks[0]
+    assert staging.serial_log != spec.serial_log and staging.metadata == spec.metadata
+    doc = DomainDocument.parse(rewrite_identity(SAVED_XML, staging))
+    assert doc.net is not None and doc.net.forwards == {} and doc.net.mac == spec.net.mac  # type: ignore[union-attr]
+    assert "hostfwd" not in rewrite_identity(SAVED_XML, staging)
+    # the staging domain, saved with the stand-in in the data volume's slot, back under the guest's identity
+    [data] = [d for d in spec.disks if d.target == guests.DATA_TARGET]
+    stand_in = ET.fromstring(disk_xml(DiskSpec(data.target, path=str(tmp_path / "stand-in.qcow2"), serial=data.serial)))
+    root = ET.fromstring(rewrite_identity(SAVED_XML, staging))
+    root.find("devices").append(stand_in)  # type: ignore[union-attr]
+    back = DomainDocument.parse(rewrite_identity(ET.tostring(root, encoding="unicode"), spec))
+    assert (back.name, back.uuid) == (spec.name, spec.uuid)
+    assert back.disk_file(guests.DATA_TARGET) == data.path and back.net == spec.net

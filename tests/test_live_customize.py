@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.customize import Customization, Mount, User, live_script
+from orchestrator.customize import DATA_SERIAL, Customization, Mount, User, live_script
 
 BUSYBOX = shutil.which("busybox")
 UNSHARE = shutil.which("unshare")
 CHROOT = shutil.which("chroot")
-STUBBED = ("ip", "modprobe", "mount", "findfs", "hostname", "sleep")  # sleep: the device wait, counted
+STUBBED = ("ip", "modprobe", "mount", "findfs", "hostname", "sleep", "blockdev")  # sleep: the device wait, counted
 DATA_UUID = "0f6bd1e2-8f7a-4b5c-9d3e-2a1b0c9d8e7f"
 KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILk5UUsVHT67UTXAWokwGzHsfiDy7l0E55YLxahmfjHF alice@laptop",
         "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 alice's other key"]
@@ -87,6 +87,10 @@ def sandbox(root: Path) -> Path:
     # the script waits for the data disk's device node: give it real block devices
     for dev, minor in (("vdc", 32), ("vdd", 48)):
         os.mknod(root / "dev" / dev, 0o600 | stat.S_IFBLK, os.makedev(254, minor))
+    # sysfs as the staged window's data mount reads it: the data volume's device by its serial
+    for dev, serial in (("vda", ""), ("vdc", DATA_SERIAL), ("vdd", "logs")):
+        (root / "sys/block" / dev).mkdir(parents=True)
+        (root / "sys/block" / dev / "serial").write_text(serial)
     return root
 
 
@@ -212,3 +216,29 @@ def test_a_tmpfs_mount_does_not_wait_for_a_device(tmp_path: Path) -> None:
     assert [x for x in calls(root) if x[0] == "mount"] == [
         ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", "/srv/scratch"]]
     assert "sleep" not in [x[0] for x in calls(root)]
+
+
+def test_the_staged_and_data_parts_together_do_what_the_whole_script_does(tmp_path: Path) -> None:
+    """A staged page-in runs the ``staged`` part in the staging domain and only the ``data`` part in
+    the window: nothing may be lost between them, nothing needing /data may run early, and the data
+    part drops the stand-in disk's cached blocks before it mounts the data volume."""
+    whole, parts = sandbox(tmp_path / "whole"), sandbox(tmp_path / "parts")
+    assert run(whole, live_script(sample(), "web1", DATA_UUID)).returncode == 0
+    staged = run(parts, live_script(sample(), "web1", DATA_UUID, part="staged"))
+    assert staged.returncode == 0, staged.stderr
+    early = calls(parts)
+    assert [c for c in early if c[0] == "mount"] == [
+        ["mount", "-t", "ext4", "-o", "noatime", "/dev/vdd", "/var/log/app"]]  # not the data volume
+    assert not [c for c in early if c[0] in ("osimg-app", "blockdev")]
+    assert not (parts / "tmp/init-ran").exists(), "an init script ran before /data was there"
+    data = run(parts, live_script(sample(), "web1", DATA_UUID, part="data"))
+    assert data.returncode == 0 and data.stderr.strip() == "init script failed: 3", data.stderr
+    late = calls(parts)[len(early):]
+    assert late[0] == ["blockdev", "--flushbufs", "/dev/vdc"], late  # the data volume's device, by serial
+    assert [c for c in late if c[0] in ("mount", "hostname", "ip", "modprobe")] == [
+        ["mount", "-t", "ext4", "-o", "defaults", "/dev/vdc", "/data"]]
+    assert late[-1] == ["osimg-app", "start"]
+    for f in ("etc/passwd", "etc/group", "etc/hostname", "proc/mounts", "home/alice/.ssh/authorized_keys",
+              "tmp/init-ran"):
+        assert (parts / f).read_text() == (whole / f).read_text(), f
+    assert sorted(c for c in calls(parts) if c[0] != "blockdev") == sorted(calls(whole))
