@@ -68,6 +68,7 @@ class Reading:
     pages_shared: int
     pages_sharing: int
     full_scans: int
+    others: int  # running domains on the host that this bench did not make (KSM scans them too)
 
 
 def read(ctx: Context, names: list[str]) -> Reading:
@@ -77,8 +78,10 @@ def read(ctx: Context, names: list[str]) -> Reading:
     mem = [ksm.process_memory(p) for p in pids if p is not None]
     st = ksm.status()
     n = len(names)
+    others = sum(d.state == "running" and d.metadata.get("home") != str(ctx.settings.home)
+                 for d in ctx.hv.list_domains())
     return Reading(sum(m.pss for m in mem) / n, sum(m.rss for m in mem) / n, sum(m.ksm_merging for m in mem) / n,
-                   sum(m.mergeable for m in mem) / n, st.pages_shared, st.pages_sharing, st.full_scans)
+                   sum(m.mergeable for m in mem) / n, st.pages_shared, st.pages_sharing, st.full_scans, others)
 
 
 def measure(ctx: Context, names: list[str], label: str, settle: float) -> Reading:
@@ -90,7 +93,8 @@ def measure(ctx: Context, names: list[str], label: str, settle: float) -> Readin
     print(f"    {label}: Pss/guest {first.pss / MIB:.1f} then {second.pss / MIB:.1f} MiB ({diff:.1%} apart), "
           f"RSS/guest {second.rss / MIB:.1f} MiB, merged by ksmd {second.merged / MIB:.1f} MiB/guest, "
           f"mergeable {second.mergeable / MIB:.1f} MiB/guest; host-wide pages_shared {second.pages_shared} "
-          f"pages_sharing {second.pages_sharing}", flush=True)
+          f"pages_sharing {second.pages_sharing}; other running domains on the host {first.others}, "
+          f"{second.others}", flush=True)
     if diff > AGREE:
         raise SystemExit(f"{label}: two readings {settle:.0f}s apart DISAGREE: Pss/guest {first.pss / MIB:.1f} vs "
                          f"{second.pss / MIB:.1f} MiB ({diff:.1%} > {AGREE:.0%})")
