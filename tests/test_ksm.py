@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cli
+from orchestrator import cli, doctor
+from orchestrator.context import Context
 from orchestrator.errors import HypervisorError, ValidationError
 from orchestrator.host import ksm
 from orchestrator.host.domain import DiskSpec, DomainSpec
@@ -225,3 +226,29 @@ def test_cli_without_ksm_in_the_kernel(tmp_path: Path, monkeypatch: pytest.Monke
     code, out, err = run(["host", "ksm", "on"], tmp_path)
     assert (code, out) == (5, "")
     assert err.startswith("osimg: error: this kernel has no KSM") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("run", "text"), [(0, "off: guests restored from one golden state keep their own copies"),
+                                           (1, "on: 250 pages merged into 10, 1 MiB saved; ksmd scans 100 pages")])
+def test_doctor_says_whether_ksm_is_on(sysfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: int,
+                                       text: str) -> None:
+    monkeypatch.setattr(ksm, "SYSFS_KSM", sysfs)
+    monkeypatch.setenv("OSIMG_ACCEL", "tcg")  # no KVM probe on the test driver
+    (sysfs / "run").write_text(f"{run}\n")
+    ctx = Context.from_env(home=str(tmp_path / "home"), uri="test:///default")
+    try:
+        [check] = [c for c in doctor.run(ctx.settings, ctx.hv).checks if c.name == "KSM"]
+    finally:
+        ctx.close()
+    assert check.ok and check.detail.startswith(text), check.detail
+
+
+def test_doctor_on_a_kernel_without_ksm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ksm, "SYSFS_KSM", tmp_path / "nothing")
+    monkeypatch.setenv("OSIMG_ACCEL", "tcg")
+    ctx = Context.from_env(home=str(tmp_path / "home"), uri="test:///default")
+    try:
+        [check] = [c for c in doctor.run(ctx.settings, ctx.hv).checks if c.name == "KSM"]
+    finally:
+        ctx.close()
+    assert check.ok and check.detail.startswith("this kernel has no KSM")
