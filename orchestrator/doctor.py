@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .accel import choose_accel
+from .errors import OsimgError
+from .host import ksm
 from .host.libvirt import VIRTLOGD_SOCK, Hypervisor
 from .settings import QEMU_USER, Settings, narrow, qemu_group_name, too_wide
 
@@ -64,6 +66,19 @@ def _confinement() -> str:
     return "; ".join(notes) or "no AppArmor or SELinux confinement active"
 
 
+def _ksm() -> str:
+    """Information, never a failure: KSM is the operator's host-wide choice, off unless turned on."""
+    try:
+        st = ksm.status()
+    except OsimgError as err:
+        return str(err)
+    if st.run != ksm.RUN_ON:
+        return (f"{st.state}: guests restored from one golden state keep their own copies of identical "
+                "pages ('osimg host ksm on' merges them; host-wide, see the README)")
+    return (f"on: {st.pages_sharing} pages merged into {st.pages_shared}, {st.saved_bytes / (1 << 20):.0f} MiB "
+            f"saved; ksmd scans {st.pages_to_scan} pages every {st.sleep_ms} ms")
+
+
 def _virtlogd() -> tuple[bool, str]:
     """A stale socket file outlives a dead virtlogd; only a connection tells them apart."""
     with socket.socket(socket.AF_UNIX) as s:
@@ -110,6 +125,7 @@ def run(settings: Settings, hv: Hypervisor, reprobe: bool = False, fix: bool = F
         rep.checks.append(Check(f"{what} readable by QEMU", ok, detail))
     rep.checks.append(_modes(settings, fix))
     rep.checks.append(Check("confinement", True, _confinement()))
+    rep.checks.append(Check("KSM", True, _ksm()))
     free = shutil.disk_usage(settings.home).free
     rep.checks.append(Check("free disk", free > 2 << 30, f"{free / (1 << 30):.1f} GiB free under {settings.home}"))
     for tool in ("qemu-img", "mkfs.ext4", "qemu-storage-daemon"):

@@ -36,7 +36,7 @@ def one_line(message: str) -> str:
 
 NOUNS = {"guest": "client guests", "image": "the image repository", "recipe": "guest OS recipes in images/",
          "fleet": "guests declared in a YAML fleet spec", "vios": "VIOS storage-server nodes",
-         "cluster": "the VIOS cluster"}
+         "cluster": "the VIOS cluster", "host": "this libvirt host's own settings (KSM)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""``osimg doctor`` (host checks) and ``osimg demo`` (the whole life cycle end to end)."""
+"""``osimg doctor`` (host checks), ``osimg host ksm`` (the opt-in page merging) and ``osimg demo``
+(the whole life cycle end to end)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 from .. import demo, doctor
 from ..context import Context
+from ..errors import ValidationError
+from ..host import ksm
 from .common import Table, add, emit_json, out
 
 
@@ -16,6 +19,13 @@ def register(nouns: dict[str, Any]) -> None:
     d.add_argument("--reprobe", action="store_true", help="probe KVM again instead of using the cached result")
     d.add_argument("--fix", action="store_true", help="narrow files and folders under OSIMG_HOME that are "
                    "readable beyond root and QEMU's group")
+    k = add(nouns["host"], "ksm", cmd_ksm, "kernel samepage merging of guest memory: on, off (the default) or "
+            "status; host-wide, see the README's 'Memory density (KSM)'")
+    k.add_argument("action", choices=("on", "off", "status"))
+    k.add_argument("--pages-to-scan", type=int, help="on: pages ksmd scans per wake-up (kernel default 100)")
+    k.add_argument("--sleep-ms", type=int, help="on: milliseconds ksmd sleeps between scans (kernel default 20)")
+    k.add_argument("--keep-merged", action="store_true", help="off: stop ksmd but leave merged pages merged "
+                   "(default: give every page its own copy again)")
     dm = add(nouns["_top"], "demo", cmd_demo, "run the whole life cycle end to end and report it")
     dm.add_argument("--keep", action="store_true", help="leave the guests and images for inspection")
     dm.add_argument("--family", choices=demo.FAMILIES, default="tiny",
@@ -35,6 +45,26 @@ def cmd_doctor(ctx: Context, a: argparse.Namespace) -> int:
         mark = "[green]ok[/]" if c.ok else "[red]FAIL[/]"
         out.print(f"{mark} {c.name}: {c.detail}")
     return 0 if rep.ok else 1
+
+
+def cmd_ksm(ctx: Context, a: argparse.Namespace) -> int:
+    if a.action != "on" and (a.pages_to_scan is not None or a.sleep_ms is not None):
+        raise ValidationError(f"--pages-to-scan and --sleep-ms go with 'osimg host ksm on', not {a.action!r}")
+    if a.action != "off" and a.keep_merged:
+        raise ValidationError(f"--keep-merged goes with 'osimg host ksm off', not {a.action!r}")
+    if a.action == "on":
+        st = ksm.enable(a.pages_to_scan, a.sleep_ms)
+    elif a.action == "off":
+        st = ksm.disable(unmerge=not a.keep_merged)
+    else:
+        st = ksm.status()
+    if a.json:
+        emit_json({**asdict(st), "state": st.state, "saved_bytes": st.saved_bytes})
+        return 0
+    out.print(f"KSM {st.state} (host-wide): ksmd scans {st.pages_to_scan} pages every {st.sleep_ms} ms; "
+              f"{st.full_scans} full scans; {st.pages_shared} pages shared by {st.pages_sharing} more, "
+              f"{st.saved_bytes / (1 << 20):.1f} MiB saved", markup=False)
+    return 0
 
 
 def cmd_demo(ctx: Context, a: argparse.Namespace) -> int:
