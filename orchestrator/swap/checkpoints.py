@@ -134,6 +134,12 @@ HASH_LINE = re.compile(r"^([0-9a-f]{64})  (/.*)$")
 STAT_LINE = re.compile(r"^(\d+) (\d+) (/.*)$")
 
 
+def paths(lines: list[str]) -> list[str]:
+    """The files a tree's fingerprint lines name (at most ``MAX_FINGERPRINT``)."""
+    out = [m.group(m.lastindex or 0) for m in (STAT_LINE.match(x) or HASH_LINE.match(x) for x in lines) if m]
+    return out[:MAX_FINGERPRINT]
+
+
 def target_differs(disk: Path, lines: list[str]) -> str | None:
     """Before the downtime: the first file of a tree's fingerprint (taken on the running OS) that is
     different in the target image's disk, read from the host; None when all that can be judged from

@@ -68,10 +68,13 @@ def staging_spec(spec: DomainSpec, gdir: Path) -> DomainSpec:
                                disks=[d for d in spec.disks if d.target == "vda"])
 
 
-def stage(ctx: Context, new: guests.Guest, target: catalog.BootImage, machine_id: str) -> None:
+def stage(ctx: Context, new: guests.Guest, target: catalog.BootImage, machine_id: str,
+          read_ahead: list[str] | None = None) -> None:
     """Write ``new``'s page-in file: the golden state of ``target`` customized in a staging domain.
 
-    ``new`` is the guest's record as it will be on the target (its new overlay exists).
+    ``new`` is the guest's record as it will be on the target (its new overlay exists). The files in
+    ``read_ahead`` (absolute paths in the new OS) are read once there, so the staged state has them
+    in its page cache.
     """
     assert target.state_file is not None
     gdir = new.dir(ctx)
@@ -94,6 +97,8 @@ def stage(ctx: Context, new: guests.Guest, target: catalog.BootImage, machine_id
             qemu_img.create_blank(gdir / STAND_IN, qemu_img.info(data.path).virtual_size)
             ctx.hv.attach_disk(staging.name, dataclasses.replace(data, path=str(gdir / STAND_IN)))
             script += WAIT_STAND_IN.replace("SERIAL", sh_quote(guests.DATA_SERIAL))
+        if read_ahead:
+            script += f"cat -- {' '.join(map(sh_quote, read_ahead))} >/dev/null 2>&1\n"
         reseed(ctx, staging.name)  # the golden RNG state must not reach this guest's saved state
         rc, out, err = ctx.hv.guest_exec(staging.name, ["/bin/sh", "-s"], stdin=script, timeout=120)
         if rc != 0:

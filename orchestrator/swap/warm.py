@@ -76,21 +76,12 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         progress(f"{g.name}: preparing page-in of {target.ref}")
         qemu_img.create_overlay(gdir / new_overlay, target.disk)
         failpoint("warm-overlay-created")
-        machine_id = uuidlib.uuid4().hex
-        if staged:
-            progress(f"{g.name}: staging {target.ref} with the guest's settings")
-            staging.stage(ctx, new, target, machine_id)
-        else:
-            spec = guests.domain_spec(ctx, new)
-            saved_xml = ctx.hv.saved_xml(str(target.state_file))
-            retarget_saved_state(target.state_file, gdir / PAGEIN_FILE, rewrite_identity(saved_xml, spec))
-        failpoint("warm-pagein-written")
-        cache(gdir / PAGEIN_FILE)
         # which process trees can be carried, and the fingerprint of the files they run
         token = checkpoint_token(new_overlay) or ""
         mount = data_mount(g)
         candidates = carried(g)
         ready: list[Carry] = []
+        prints: dict[str, list[str]] = {}
         if mount and candidates:
             out = guest_sh(ctx, g, checkpoints.prepare_script(candidates, mount, token), "preparing the checkpoints")
             record_trees(g, res, out)
@@ -101,6 +92,19 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
                     ready.append(t)
                 else:
                     record_trees(g, res, f"carry {t.name} restarted the target image's {differs} differs\n")
+        machine_id = uuidlib.uuid4().hex
+        if staged:
+            progress(f"{g.name}: staging {target.ref} with the guest's settings")
+            # the files the carried trees run, read once in the staging domain: in the staged state's
+            # page cache, the fingerprint check and CRIU's restore in the window do not wait for the disk
+            staging.stage(ctx, new, target, machine_id,
+                          read_ahead=[f for t in ready for f in checkpoints.paths(prints.get(t.name, []))])
+        else:
+            spec = guests.domain_spec(ctx, new)
+            saved_xml = ctx.hv.saved_xml(str(target.state_file))
+            retarget_saved_state(target.state_file, gdir / PAGEIN_FILE, rewrite_identity(saved_xml, spec))
+        failpoint("warm-pagein-written")
+        cache(gdir / PAGEIN_FILE)
         held(ctx, g, res)
         res.counter_before = guests.app_counter(g.app_port)
         mark(ctx, lease, g.name, journal.PREPARED)
