@@ -84,9 +84,10 @@ holders() {
 """
 
 # POSIX sh for busybox and Debian. $1 the data mount point, $2 the grace in seconds, $3 the workload's
-# stop command (may be empty), $4 "scan" to list the holders first (a warm swap lists them before its
-# window, see HELD). Prints "held PID NAME" for each process that had /data before the stop commands,
-# "killed PID NAME" for each killed after the grace, "quiesced" at the end.
+# stop command (may be empty), $4 options: "scan" to list the holders first (a warm swap lists them
+# before its window, see HELD), "sync" to flush every file system first. Prints "held PID NAME" for
+# each process that had /data before the stop commands, "killed PID NAME" for each killed after the
+# grace, "quiesced" at the end.
 QUIESCE = r"""
 set -u
 M=$1; GRACE=$2; STOP=$3
@@ -104,12 +105,14 @@ done
 carried=" "
 #CARRY-DUMP#
 #HOLDERS#
-[ "${4:-}" = scan ] && holders | while read -r p c; do echo "held $p $c"; done
+case " ${4:-} " in *" scan "*) holders | while read -r p c; do echo "held $p $c"; done;; esac
 [ -n "$STOP" ] && { sh -c "$STOP" </dev/null >/dev/null 2>&1 || echo "stop command failed: $?" >&2; }
 ap=; [ -f /run/osimg-app.pid ] && read -r ap </run/osimg-app.pid  # a builtin: no fork in the window
 case "$carried" in *" ${ap:-none} "*) ;; *) [ -x /usr/sbin/osimg-app ] && /usr/sbin/osimg-app stop >/dev/null 2>&1
 esac
-sync
+# the umount writes /data back; "sync" also flushes the root file system, which a cold swap's
+# rollback boots again (a warm swap's rollback resumes the snapshot's memory, page cache and all)
+case " ${4:-} " in *" sync "*) sync;; esac
 # Everything but our ancestors is frozen (SIGSTOP) for the moment between the unmount and the
 # read-only cover: a writer must not slip a file onto the root file system in between.
 frozen=
@@ -233,7 +236,7 @@ def _fold(res: SwapResult, out: str) -> None:
 
 
 def quiesce(ctx: Context, g: guests.Guest, res: SwapResult, trees: list[Carry] | None = None,
-            token: str = "", scanned: bool = False) -> None:
+            token: str = "", scanned: bool = False, flush: bool = True) -> None:
     """Stop the guest's workload and let go of its data volume, so no later write can go astray.
 
     The guest's own stop command and the image's application stop first; whatever still holds the
@@ -245,7 +248,8 @@ def quiesce(ctx: Context, g: guests.Guest, res: SwapResult, trees: list[Carry] |
 
     ``trees`` (a warm swap's, prepared under ``token``) are checkpointed first and left stopped
     (``swap.checkpoints``); in the same guest command, so the release stays one agent round trip.
-    ``scanned``: ``held`` already listed the holders (not again inside the window)."""
+    ``scanned``: ``held`` already listed the holders (not again inside the window). ``flush``: sync
+    every file system, not only /data (which its unmount writes back)."""
     mount = data_mount(g)
     if mount is None:
         guest_sh(ctx, g, "[ -x /usr/sbin/osimg-app ] && /usr/sbin/osimg-app stop; sync; exit 0\n",
@@ -253,8 +257,9 @@ def quiesce(ctx: Context, g: guests.Guest, res: SwapResult, trees: list[Carry] |
         return
     q = g.custom().quiesce
     dump = checkpoints.dump_script(trees or [], mount, token)
-    script = f"set -- {sh_quote(mount)} {math.ceil(q.grace)} {sh_quote(q.stop or '')} " \
-             f"{'' if scanned else 'scan'}\n" + QUIESCE.replace("#CARRY-DUMP#", dump)
+    opts = " ".join(o for o, on in (("scan", not scanned), ("sync", flush)) if on)
+    script = f"set -- {sh_quote(mount)} {math.ceil(q.grace)} {sh_quote(q.stop or '')} {sh_quote(opts)}\n" + \
+        QUIESCE.replace("#CARRY-DUMP#", dump)
     out = guest_sh(ctx, g, script, f"quiescing the workload and unmounting {mount}", timeout=q.grace + 120)
     _fold(res, out)
     record_trees(g, res, out)

@@ -82,12 +82,15 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         candidates = carried(g)
         ready: list[Carry] = []
         prints: dict[str, list[str]] = {}
+        judged: set[str] = set()  # trees whose files the host compared in the target image, every one
         if mount and candidates:
             out = guest_sh(ctx, g, checkpoints.prepare_script(candidates, mount, token), "preparing the checkpoints")
             record_trees(g, res, out)
             found, prints = checkpoints.ready(out), checkpoints.fingerprints(out)
             for t in (t for t in candidates if t.name in found):
-                differs = checkpoints.target_differs(target.disk, prints.get(t.name, []))
+                whole, differs = checkpoints.target_differs(target.disk, prints.get(t.name, []))
+                if whole:
+                    judged.add(t.name)
                 if differs is None:
                     ready.append(t)
                 else:
@@ -118,7 +121,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         # into a rollback after the new OS has written there.
         mark(ctx, lease, g.name, "releasing")
         failpoint("warm-releasing")
-        quiesce(ctx, g, res, ready, token, scanned=True)
+        quiesce(ctx, g, res, ready, token, scanned=True, flush=False)
         step(res, "release", t0)
         data_disk = guests.data_disk(ctx, g)
         if data_disk is not None:
@@ -163,7 +166,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         # carried process trees come back right after the mounts, before anything else touches /data
         dumped = {p["name"] for p in res.processes if p.get("dump_seconds") is not None}
         trees = [t for t in ready if t.name in dumped]
-        restore = checkpoints.restore_script(trees, mount, token) if trees and mount else ""
+        restore = checkpoints.restore_script(trees, mount, token, judged) if trees and mount else ""
         # staged: only what needs the data volume is left (swap.staging)
         out = guest_sh(ctx, new, live_script(new.custom(), new.name, new.data_uuid, new.own_key(ctx), machine_id,
                                              after_mounts=restore, part="data" if staged else "all"),
