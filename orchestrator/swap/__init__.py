@@ -140,10 +140,16 @@ def swap_guest(ctx: Context, name: str, to_image: str, strategy: str = "warm",
                 raise SwapError(f"guest {name} is {ctx.hv.state(name)}, not running")
             fn = warm if strategy == "warm" else cold
             fn(ctx, g, target, res, progress, health_timeout, lease)
+            notes = []
             if strategy == "warm" and res.ok and g.custom().kernel_params:
                 # the paged-in kernel was booted with the golden image's command line
-                res.note = (f"kernel_params {' '.join(g.custom().kernel_params)} take effect at next boot "
-                            "(a warm swap keeps the running kernel's command line; use --strategy cold to apply now)")
+                notes.append(f"kernel_params {' '.join(g.custom().kernel_params)} take effect at next boot "
+                             "(a warm swap keeps the running kernel's command line; use --strategy cold to apply now)")
+            if strategy == "warm" and res.ok and g.memory_mib != target.memory_mib:
+                # a saved state keeps its memory size (libvirt's ABI check); the record now says so
+                notes.append(f"memory is now {target.memory_mib} MiB, the size {target.ref}'s memory state was "
+                             f"captured with (was {g.memory_mib} MiB; a cold swap keeps the guest's own)")
+            res.note = "; ".join(notes) or None
     except ClusterError as err:
         if not res.ok:
             res.error = res.error or stopped_by_store(ctx, err, name)

@@ -69,8 +69,11 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         guests.wait_ready(ctx, new, timeout=health_timeout)
         start_workload(ctx, new)
         step(res, "boot", t0)
-        n = health(ctx, new, target.os_version, res.counter_before, health_timeout)
+        # the downtime ends at the application's first answer, as a warm swap's (the SSH check follows)
+        if res.counter_before is not None:
+            guests.wait_app(new.app_port, timeout=min(health_timeout, 30), poll=0.02)
         res.downtime = round(time.monotonic() - down, 3)
+        n = health(ctx, new, target.os_version, res.counter_before, health_timeout)
         res.counter_after = n
         step(res, "health", t0)
     except ClusterError:

@@ -16,7 +16,10 @@ What cannot be staged, and why:
 
 - The data volume's mount, carried process trees, init scripts and the application: the data
   volume belongs to the running old OS until its quiesce (two writers on one ext4 would corrupt
-  it), and the application keeps its state there.
+  it), and the application keeps its state there. Starting the application early, waiting for
+  /data, would need every image's application written that way; the images' own start scripts
+  refuse to start without /data (the tiny image's counter would land on the root file system), so
+  the application starts in the window, right after the mount.
 - The clock and a last reseed: time passes between staging and page-in, so the window's first
   guest command (``steps.reseed``) sets the clock, with fresh entropy in the same call.
 - Guests on a libvirt network (``network:``): a staging domain with the guest's MAC (part of the

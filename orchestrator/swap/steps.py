@@ -315,13 +315,15 @@ def reseed(ctx: Context, name: str, agent_timeout: float = 10) -> bool:
     return True
 
 
-def moved(g: guests.Guest, target: catalog.BootImage, overlay: str) -> guests.Guest:
-    """The guest's record as it will be on the target image."""
+def moved(g: guests.Guest, target: catalog.BootImage, overlay: str, paged_in: bool = False) -> guests.Guest:
+    """The guest's record as it will be on the target image (``paged_in``: with the memory size of
+    the target's captured state, which a page-in cannot change)."""
     return guests.Guest(**{**asdict(g), "image": target.ref, "base": str(target.disk),
                                "kernel": str(target.kernel), "initrd": str(target.initrd), "cmdline": target.cmdline,
                                "host_key": g.host_key if g.own_host_key else target.host_key,
                                "os_version": target.os_version, "family": target.family,
-                               "ready_marker": target.ready_marker, "overlay_file": overlay})
+                               "ready_marker": target.ready_marker, "overlay_file": overlay,
+                               **({"memory_mib": target.memory_mib} if paged_in else {})})
 
 
 def describe(err: BaseException) -> str:

@@ -64,7 +64,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
     new_overlay = new_overlay_name(target.ref)
     if target.state_file is None:
         raise SwapError(f"image {target.ref} has no memory state")
-    new = moved(g, target, new_overlay)
+    new = moved(g, target, new_overlay, paged_in=True)
     staged = staging.possible(g)
     files = [new_overlay, PAGEIN_FILE, *(staging.FILES if staged else [])]
     journal.begin(ctx, lease, g.name, strategy="warm", from_image=g.image, to_image=target.ref, old=asdict(old),
