@@ -24,6 +24,7 @@ its rule (probe and orchestrator within the probe interval plus 20%); any DISAGR
 status 1. Takes ~10 minutes here.
 
 usage: .venv/bin/python bench/swap_scaling.py [--sizes 256,1024,2048] [--batches 1,2,4] [--swaps 3]
+       [--probe-every 0.1] [--no-contrast]
 """
 
 from __future__ import annotations
@@ -183,12 +184,16 @@ def contrast_run(ctx: Context, tag: str, v1: str, mib: int) -> Measured | None:
 
 
 def main() -> int:
+    global PROBE_EVERY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="256,1024,2048")
     ap.add_argument("--batches", default="1,2,4")
     ap.add_argument("--swaps", type=int, default=3)
     ap.add_argument("--no-contrast", action="store_true")
+    ap.add_argument("--probe-every", type=float, default=0.1,
+                    help="seconds between probe requests (the agreement rule grows with it)")
     a = ap.parse_args()
+    PROBE_EVERY = a.probe_every
     sizes = [int(x) for x in a.sizes.split(",") if x]
     batches = [int(x) for x in a.batches.split(",") if x]
     tag = f"s{uuid.uuid4().hex[:4]}"
