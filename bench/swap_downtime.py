@@ -6,25 +6,38 @@ are provisioned on v1, and then on the same guests:
   warm v1 -> v2 (measured; on Debian the application's processes are carried with CRIU),
   Debian only: warm v2 -> v1 with the carry switched off (measured: the application restarts),
   a reset to v1 where needed (not measured), cold v1 -> v2 (measured).
-A probe asks each guest's application for its counter every 50 ms (overlapping requests); downtime
-is the gap between the last prompt answer before the swap and the first one after it, printed
-beside the orchestrator's own figure (the two must agree). Also: rollout time of 4 tiny
-guests with batch 1 vs batch 2. Ratios are printed last, and for carried processes the checkpoint
-size and the dump and restore times (both inside the downtime).
 
-usage: .venv/bin/python bench/swap_downtime.py [--families tiny,debian] [--guests 3]
+Two sides measure each outage and must agree:
+- the host probe asks the guest's application for its counter every 50 ms (overlapping requests);
+  each answer names the OS version that served it, so the probe's downtime is the gap between the
+  last prompt answer of the old OS and the first prompt answer of the new one (a gap among answers
+  of one OS cannot be taken for the swap's);
+- the orchestrator's ``SwapResult.downtime`` (from the start of the quiesce to the first answer of
+  the new OS).
+They must differ by at most the probe interval plus 20% of the larger one; otherwise the line says
+DISAGREE and the bench exits with status 1 at the end. Every swap line also says where the two
+differ: how long the application still answered after the orchestrator's window began (its
+progress messages are timestamped) and how the two ends compare.
+
+Then, as medians of the guests, per family and strategy: each step's duration (``SwapResult.steps``
+holds seconds since the swap's start; the table shows differences), and the warm page-in split into
+libvirt's destroy of the paused old domain and the restore of a saved state, timed apart on a
+scratch guest. Also: rollout time of 4 tiny guests with batch 1 vs batch 2. Ratios are printed
+last, and for carried processes the checkpoint size and the dump and restore times.
+
+usage: .venv/bin/python bench/swap_downtime.py [--families tiny,debian] [--guests 3] [--no-rollout]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import shutil
 import statistics
 import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 
 from orchestrator import guests, swap
 from orchestrator.context import Context
@@ -32,8 +45,16 @@ from orchestrator.images import lifecycle
 from orchestrator.settings import SOURCE_ROOT
 
 PROBE_EVERY = 0.05
-MAX_INFLIGHT = 8
+AGREE_SHARE = 0.2  # the probe and the orchestrator agree within PROBE_EVERY + 20% of the larger figure
 SLOW = 0.5  # an answer slower than this was held during an outage (healthy: ~0.05 s tiny, ~0.2 s Debian)
+# At most MAX_INFLIGHT requests are open, each for up to REQUEST_TIMEOUT: every request runs a CGI in
+# the guest that goes on when the probe gives up, and 24 open requests given up after 1 s piled up
+# CGIs until the OOM killer of a 256 MiB tiny guest took its agent. A request held by a paused guest
+# ends when the old QEMU goes (slirp closes it), not after 3 s; while all are open the probe skips
+# ticks, so each swap's line says how long it sent nothing before its first answer of the new OS.
+REQUEST_TIMEOUT = 3.0
+MAX_INFLIGHT = 8
+NAN = float("nan")
 
 
 class Probe:
@@ -43,14 +64,20 @@ class Probe:
     accepts the connection while the guest is paused or gone), and a probe that waited for it
     would miss the moment the application came back. An answer counts only if it came back
     within ``SLOW`` of its request: a late answer to a held request says nothing about when the
-    application answered again. At most ``MAX_INFLIGHT`` requests are open at once, so a slow
-    guest is not buried under abandoned requests.
+    application answered again, so a request is given up after ``REQUEST_TIMEOUT``. At most
+    ``MAX_INFLIGHT`` requests are open at once, so a slow guest is not buried under abandoned
+    requests; a tick without a request (all open) is counted and printed. Each answer is kept with the OS version that
+    served it ("COUNTER VERSION ..."), so the outage is found between the two OSes.
     """
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, every: float = PROBE_EVERY) -> None:
         self.port = port
-        self.ok: list[float] = []
+        self.every = every
+        self.ok: list[tuple[float, str, float]] = []  # (answered, version, sent) of prompt answers
+        self.sends: list[float] = []
         self.late: list[tuple[float, float]] = []  # (sent, answered) of answers slower than SLOW
+        self.sent = 0
+        self.skipped = 0  # ticks without a request: MAX_INFLIGHT requests were open
         self._inflight = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -58,11 +85,13 @@ class Probe:
 
     def _one(self, sent: float) -> None:
         try:
-            if guests.app_counter(self.port, timeout=3.0) is not None:
-                done = time.monotonic()
+            answer = guests.app_answer(self.port, timeout=REQUEST_TIMEOUT)
+            done = time.monotonic()
+            parts = (answer or "").split()
+            if len(parts) >= 2 and parts[0].isdigit():
                 with self._lock:
                     if done - sent <= SLOW:
-                        self.ok.append(done)
+                        self.ok.append((done, parts[1], sent))
                     else:
                         self.late.append((sent, done))
         finally:
@@ -75,9 +104,14 @@ class Probe:
                 room = self._inflight < MAX_INFLIGHT
                 if room:
                     self._inflight += 1
+                    self.sent += 1
+                    now = time.monotonic()
+                    self.sends.append(now)
+                else:
+                    self.skipped += 1
             if room:
-                threading.Thread(target=self._one, args=(time.monotonic(),), daemon=True).start()
-            self._stop.wait(PROBE_EVERY)
+                threading.Thread(target=self._one, args=(now,), daemon=True).start()
+            self._stop.wait(self.every)
 
     def __enter__(self) -> Probe:
         self._t.start()
@@ -87,45 +121,152 @@ class Probe:
         self._stop.set()
         self._t.join()
 
-    def answered_after(self, t: float) -> int:
+    def answered_after(self, t: float, version: str) -> int:
         with self._lock:
-            return sum(x > t for x in self.ok)
+            return sum(a > t and v == version for a, v, _ in self.ok)
 
-    def downtime(self, start: float) -> float:
-        """Longest gap between prompt answers from just before ``start`` on."""
+    def outage(self, old: str, new: str) -> tuple[float, float, float]:
+        """(last prompt answer of the old OS, first prompt answer of the new OS after it, how long the
+        probe sent nothing before the request that got that first answer); NaN where missing.
+        The last figure bounds how late the probe may have noticed the new OS."""
         with self._lock:
-            pts = sorted(t for t in self.ok if t >= start - 1.0)
-        gaps = [b - a for a, b in itertools.pairwise(pts)]
-        return max(gaps) if gaps else float("nan")
+            pts = sorted(self.ok)
+            sends = list(self.sends)
+        first = next(((a, s) for a, v, s in pts if v == new), None)
+        if first is None:
+            return NAN, NAN, NAN
+        before = [a for a, v, _ in pts if a < first[0] and v == old]
+        earlier = [s for s in sends if s < first[1]]
+        blind = first[1] - earlier[-1] if earlier else NAN
+        return (before[-1] if before else NAN), first[0], blind
 
 
-def measured_swap(ctx: Context, guest: str, to: str, strategy: str) -> tuple[float, swap.SwapResult]:
-    """Downtime seen by the probe; NaN when the swap failed (and was rolled back). The orchestrator's
-    own figure (quiesce to the first answer of the new OS) is printed beside it: the two measure the
-    same outage from two sides and must agree."""
-    g = guests.load(ctx, guest)
-    with Probe(g.app_port) as p:
+class Timeline:
+    """The orchestrator's progress messages with the moment each arrived (a rollout's ``progress``).
+
+    Both strategies announce "<guest>: quiesce" right as their downtime window begins (``down`` in
+    swap/warm.py and swap/cold.py; the cold swap journals one step in between), so the bench knows
+    where the orchestrator starts counting without changing it.
+    """
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, msg: str) -> None:
+        with self._lock:
+            self.marks.append((time.monotonic(), msg))
+
+    def at(self, msg: str) -> float:
+        with self._lock:
+            return next((t for t, m in self.marks if m == msg), NAN)
+
+
+def step_durations(steps: dict[str, float]) -> dict[str, float]:
+    """``SwapResult.steps`` holds seconds since the swap began, per step: each step's own duration."""
+    out, prev = {}, 0.0
+    for name, t in steps.items():
+        out[name] = round(t - prev, 3)
+        prev = t
+    return out
+
+
+def agree(probe: float, orch: float | None, every: float = PROBE_EVERY) -> tuple[bool, float]:
+    """The issue's rule: both figures exist and differ by at most the probe interval plus 20% of the
+    larger one. Returns (agree, tolerance)."""
+    if orch is None or probe != probe:
+        return False, NAN
+    tol = every + AGREE_SHARE * max(probe, orch)
+    return abs(probe - orch) <= tol, tol
+
+
+@dataclass
+class Measured:
+    """One measured swap, seen from both sides."""
+
+    family: str
+    strategy: str
+    guest: str
+    probe: float
+    orchestrator: float | None
+    agrees: bool
+    lead: float  # how long the application still answered after the orchestrator's window began
+    tail: float  # the orchestrator's window end minus the probe's first answer of the new OS
+    steps: dict[str, float] = field(default_factory=dict)  # durations
+    result: swap.SwapResult | None = None
+    blind: float = NAN  # how long the probe sent nothing before its first answer of the new OS
+
+
+MEASURED: list[Measured] = []
+
+
+def measure_rollout(ctx: Context, fam: str, names: list[str], to: str, strategy: str,
+                    batch: int = 1, every: float = PROBE_EVERY) -> tuple[float, list[Measured]]:
+    """One rollout of ``names`` to ``to`` (``batch`` at once), each guest watched by its own probe
+    (a request every ``every`` seconds).
+    Returns the rollout's wall time and one ``Measured`` per guest (also added to ``MEASURED``),
+    each printed with the verdict of ``agree``; a failed swap has NaN for the probe."""
+    old_v = {n: guests.load(ctx, n).os_version for n in names}
+    tl = Timeline()
+    probes = {n: Probe(guests.load(ctx, n).app_port, every) for n in names}
+    for p in probes.values():
+        p.__enter__()
+    try:
         time.sleep(0.5)
-        start = time.monotonic()
-        [r] = swap.rollout(ctx, swap.plan(ctx, [guest], to, strategy))
-        if not r.ok:
-            state = "rolled back" if r.rolled_back else "not rolled back"
-            print(f"    {strategy} {guest}: FAILED ({state}): {r.error}", flush=True)
-            return float("nan"), r
-        # the probe may still be waiting on a request sent during the outage: keep it running until
-        # it has prompt answers from the new OS, or the gap would end at the last answer before
-        # the swap (that made warm AND cold swaps look 0.1 s long)
+        t0 = time.monotonic()
+        results = swap.rollout(ctx, swap.plan(ctx, names, to, strategy, batch=batch, max_failures=len(names)),
+                               progress=tl)
+        wall = time.monotonic() - t0
+        # a probe may still be waiting on a request sent during the outage: keep them running until
+        # each has prompt answers from the new OS (without them the gap would end at an answer of the old)
         end = time.monotonic()
-        while p.answered_after(end) < 3 and time.monotonic() < end + 30:
-            time.sleep(0.05)
-    seen = p.downtime(start) if p.answered_after(end) >= 3 else float("nan")
-    agree = "agree" if r.downtime is not None and abs(seen - r.downtime) <= max(0.5, 0.25 * r.downtime) \
-        else "DISAGREE"
-    print(f"    {strategy} {guest}: probe {seen:.3f}s, orchestrator {r.downtime}s ({agree}); "
-          f"late answers {len(p.late)}; steps {r.steps}", flush=True)
+        for r in results:
+            while r.ok and probes[r.guest].answered_after(end, r.new_version or "?") < 3 \
+                    and time.monotonic() < end + 30:
+                time.sleep(0.05)
+    finally:
+        for p in probes.values():
+            p.__exit__()
+    out = []
+    for r in results:
+        out.append(judge(fam, r, probes[r.guest], tl, old_v[r.guest]))
+    return wall, out
+
+
+def judge(fam: str, r: swap.SwapResult, p: Probe, tl: Timeline, old_v: str) -> Measured:
+    """Both sides' figures of one swap, where they differ, and the verdict (printed, kept in ``MEASURED``)."""
+    guest, strategy = r.guest, r.strategy
+    if not r.ok:
+        state = "rolled back" if r.rolled_back else "not rolled back"
+        print(f"    {strategy} {guest}: FAILED ({state}): {r.error}", flush=True)
+        m = Measured(fam, strategy, guest, NAN, None, False, NAN, NAN, result=r)
+        MEASURED.append(m)
+        return m
+    last_old, first_new, blind = p.outage(old_v, r.new_version or "?")
+    seen = first_new - last_old
+    window = tl.at(f"{guest}: quiesce")
+    lead = last_old - window
+    tail = (window + r.downtime - first_new) if r.downtime is not None else NAN
+    ok, tol = agree(seen, r.downtime, p.every)
+    m = Measured(fam, strategy, guest, seen, r.downtime, ok, lead, tail, step_durations(r.steps), r, blind)
+    MEASURED.append(m)
+    verdict = "agree" if ok else "DISAGREE"
+    print(f"    {strategy} {guest}: probe {seen:.3f}s, orchestrator {r.downtime}s: {verdict} "
+          f"(tolerance {tol:.3f}s); the application answered {lead:+.3f}s after the window began, "
+          f"the probe saw it back {tail:+.3f}s before the window's end; requests {p.sent}, "
+          f"late answers {len(p.late)}, ticks skipped (all open) {p.skipped}, the probe sent nothing for "
+          f"{blind:.3f}s before its first answer of the new OS", flush=True)
+    print(f"    {strategy} {guest}: step durations {m.steps}", flush=True)
     for t in r.processes:
         print(f"    {strategy} {guest}: process tree {t}", flush=True)
-    return seen, r
+    return m
+
+
+def measured_swap(ctx: Context, fam: str, guest: str, to: str, strategy: str) -> tuple[float, swap.SwapResult]:
+    """Downtime seen by the probe (NaN when the swap failed and was rolled back) and the result."""
+    _, [m] = measure_rollout(ctx, fam, [guest], to, strategy)
+    assert m.result is not None
+    return m.probe, m.result
 
 
 def set_carry(ctx: Context, name: str, carry: list[dict[str, object]] | None) -> None:
@@ -155,7 +296,7 @@ def family_run(ctx: Context, fam: str, n: int, tag: str) -> dict[str, list[float
     provision(ctx, names, v1)
     out: dict[str, list[float]] = {"warm": [], "cold": []}
     for name in names:
-        seen, r = measured_swap(ctx, name, v2, "warm")
+        seen, r = measured_swap(ctx, fam, name, v2, "warm")
         out["warm"].append(seen)
         carried = [t for t in r.processes if t["outcome"] == "resumed"]
         if carried:
@@ -164,14 +305,46 @@ def family_run(ctx: Context, fam: str, n: int, tag: str) -> dict[str, list[float
             out.setdefault("checkpoint_mib", []).append(sum(t["checkpoint_kib"] or 0 for t in carried) / 1024)
             # the same guest, the same swap the other way, with the application restarted instead
             set_carry(ctx, name, [])
-            out.setdefault("warm-restart", []).append(measured_swap(ctx, name, v1, "warm")[0])
+            out.setdefault("warm-restart", []).append(measured_swap(ctx, fam, name, v1, "warm")[0])
             set_carry(ctx, name, None)
         if guests.load(ctx, name).image != v1:
             swap.rollout(ctx, swap.plan(ctx, [name], v1, "cold"))
-        out["cold"].append(measured_swap(ctx, name, v2, "cold")[0])
+        out["cold"].append(measured_swap(ctx, fam, name, v2, "cold")[0])
         restart = f"  warm-restart {out['warm-restart'][-1]:.2f}s" if carried else ""
         print(f"[{fam}] {name}: warm {out['warm'][-1]:.2f}s{restart}  cold {out['cold'][-1]:.2f}s", flush=True)
     for name in names:
+        guests.remove(ctx, name)
+    out.update(pagein_parts(ctx, fam, v2, tag))
+    return out
+
+
+def pagein_parts(ctx: Context, fam: str, image: str, tag: str, runs: int = 3) -> dict[str, list[float]]:
+    """The warm page-in step is libvirt's destroy of the paused old domain, then the restore of the
+    page-in file: both timed apart, ``runs`` times, on a scratch guest (no data volume) whose own
+    state was saved once (the same kind of file, with the same memory size, as the golden state).
+
+    Each run restores the file, pauses the domain at once and destroys it: like the swap's, a
+    destroy of a paused domain. The disk the state expects changes only by the moment it runs."""
+    name = f"{tag}-{fam[0]}pi"
+    g = guests.create(ctx, name, image)
+    out: dict[str, list[float]] = {"libvirt destroy": [], "libvirt restore": [], "state MiB": []}
+    try:
+        guests.wait_ready(ctx, g, timeout=240)
+        path = g.dir(ctx) / "bench.sav"
+        ctx.hv.save(name, str(path))
+        out["state MiB"].append(path.stat().st_size / (1 << 20))
+        for _ in range(runs):
+            t = time.monotonic()
+            ctx.hv.restore(str(path))
+            out["libvirt restore"].append(time.monotonic() - t)
+            ctx.hv.suspend(name)
+            t = time.monotonic()
+            ctx.hv.destroy(name)
+            out["libvirt destroy"].append(time.monotonic() - t)
+        print(f"[{fam}] page-in parts: destroy {[round(x, 3) for x in out['libvirt destroy']]}s, "
+              f"restore {[round(x, 3) for x in out['libvirt restore']]}s, "
+              f"state file {out['state MiB'][0]:.1f} MiB", flush=True)
+    finally:
         guests.remove(ctx, name)
     return out
 
@@ -197,6 +370,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default="tiny,debian")
     ap.add_argument("--guests", type=int, default=3)
+    ap.add_argument("--no-rollout", action="store_true", help="skip the 4-guest rollout (bench/swap_scaling.py "
+                    "measures batches more fully)")
     a = ap.parse_args()
     tag = f"b{uuid.uuid4().hex[:4]}"
     home = SOURCE_ROOT / ".cache" / f"bench-swap-{tag}"
@@ -209,7 +384,7 @@ def main() -> int:
     try:
         for fam in a.families.split(","):
             results[fam] = family_run(ctx, fam, a.guests, tag)
-        if "tiny" in results:
+        if "tiny" in results and not a.no_rollout:
             rollout = rollout_run(ctx, tag)
     finally:
         for d in ctx.hv.list_domains():
@@ -241,8 +416,47 @@ def main() -> int:
     if rollout:
         print(f"rollout of 4 guests: batch 1 {rollout[1]:.1f}s, batch 2 {rollout[2]:.1f}s, "
               f"batch2/batch1 {rollout[2] / rollout[1]:.2f}")
-    return 0
+    print_steps(results)
+    return report_agreement()
 
+
+def print_steps(results: dict[str, dict[str, list[float]]]) -> None:
+    """Per family and strategy: each step's median duration over the measured swaps, then the warm
+    page-in step split into libvirt's destroy and restore (timed apart on a scratch guest)."""
+    groups: dict[tuple[str, str], list[Measured]] = {}
+    for m in MEASURED:
+        if m.result is not None and m.result.ok:
+            groups.setdefault((m.family, m.strategy), []).append(m)
+    for (fam, strategy), ms in groups.items():
+        names = list(dict.fromkeys(k for m in ms for k in m.steps))
+        print(f"\n{fam} {strategy}: step durations, median of {len(ms)} swaps (s)   [min..max]")
+        for k in names:
+            xs = [m.steps[k] for m in ms if k in m.steps]
+            print(f"  {k:12} {statistics.median(xs):7.3f}   [{min(xs):.3f}..{max(xs):.3f}]")
+        for label, xs in (("downtime (orchestrator)", [m.orchestrator or NAN for m in ms]),
+                          ("downtime (probe)", [m.probe for m in ms]),
+                          ("application answered into the window", [m.lead for m in ms])):
+            print(f"  {label}: {statistics.median(xs):.3f}   [{min(xs):.3f}..{max(xs):.3f}]")
+        r = results.get(fam, {})
+        if strategy == "warm" and r.get("libvirt destroy"):
+            d, rs = statistics.median(r["libvirt destroy"]), statistics.median(r["libvirt restore"])
+            print(f"  page-in apart (scratch guest, {len(r['libvirt destroy'])} runs, state file "
+                  f"{r['state MiB'][0]:.0f} MiB): libvirt destroy of the paused domain {d:.3f}s, "
+                  f"libvirt restore {rs:.3f}s (medians)")
+
+
+def report_agreement() -> int:
+    """Exit status 1 when any measured swap failed or its two figures disagree (the issue's rule)."""
+    bad = [m for m in MEASURED if not m.agrees]
+    print(f"\nprobe vs orchestrator: {len(MEASURED) - len(bad)} of {len(MEASURED)} swaps agree within "
+          f"the probe interval + {AGREE_SHARE:.0%} of the larger figure")
+    for m in bad:
+        why = "the swap failed" if m.result is None or not m.result.ok else \
+            f"probe {m.probe:.3f}s vs orchestrator {m.orchestrator}s; the application answered " \
+            f"{m.lead:+.3f}s into the window, the probe saw it back {m.tail:+.3f}s before its end " \
+            f"(and sent nothing for {m.blind:.3f}s before that)"
+        print(f"  DISAGREE {m.family} {m.strategy} {m.guest}: {why}")
+    return 1 if bad else 0
 
 if __name__ == "__main__":
     sys.exit(main())
