@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -44,12 +43,13 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from homes import bench_home
+
 from orchestrator import guests, swap
 from orchestrator.context import Context
 from orchestrator.errors import OsimgError
 from orchestrator.host import ksm
 from orchestrator.images import lifecycle
-from orchestrator.settings import SOURCE_ROOT
 
 MIB = 1 << 20
 AGREE = 0.10  # two readings of the same configuration may differ by at most this much
@@ -197,30 +197,23 @@ def main() -> int:
     except OsimgError as err:
         raise SystemExit(f"density: {err}") from None
     tag = f"d{uuid.uuid4().hex[:4]}"
-    home = SOURCE_ROOT / ".cache" / f"bench-density-{tag}"
-    home.mkdir(parents=True)
-    home.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the guests' files
-    ctx = Context.from_env(home=str(home))
-    print(f"accelerator: {ctx.accel.label}; host KSM before: {before.state} (run={before.run}, "
-          f"pages_to_scan={before.pages_to_scan}, sleep_ms={before.sleep_ms}); it is put back at the end", flush=True)
-    results: dict[int, dict[str, dict[str, Reading]]] = {}
-    t_start = time.monotonic()
-    try:
-        golden = f"{tag}-gold"
-        t0 = time.monotonic()
-        lifecycle.build(ctx, golden, "tiny:v1", boot_timeout=300)
-        print(f"golden image {golden} captured from tiny:v1 in {time.monotonic() - t0:.1f}s", flush=True)
-        for n in counts:
-            results[n] = run_n(ctx, n, golden, tag, a)
-    finally:
-        with suppress(OsimgError):
-            ksm.restore(before.settings)
-        for d in ctx.hv.list_domains():
-            if d.metadata.get("home") == str(home):
-                ctx.hv.undefine(d.name)
-        ctx.close()
-        shutil.rmtree(home, ignore_errors=True)
-        print(f"host KSM restored: {ksm.status().state} ({ksm.status().settings})", flush=True)
+    with bench_home(f"bench-density-{tag}") as ctx:
+        print(f"accelerator: {ctx.accel.label}; host KSM before: {before.state} (run={before.run}, "
+              f"pages_to_scan={before.pages_to_scan}, sleep_ms={before.sleep_ms}); it is put back at the end",
+              flush=True)
+        results: dict[int, dict[str, dict[str, Reading]]] = {}
+        t_start = time.monotonic()
+        try:
+            golden = f"{tag}-gold"
+            t0 = time.monotonic()
+            lifecycle.build(ctx, golden, "tiny:v1", boot_timeout=300)
+            print(f"golden image {golden} captured from tiny:v1 in {time.monotonic() - t0:.1f}s", flush=True)
+            for n in counts:
+                results[n] = run_n(ctx, n, golden, tag, a)
+        finally:
+            with suppress(OsimgError):
+                ksm.restore(before.settings)
+            print(f"host KSM restored: {ksm.status().state} ({ksm.status().settings})", flush=True)
     print(f"\nhost memory per guest (sum of the QEMU processes' Pss / N, MiB; tiny guests, 256 MiB RAM each; "
           f"{time.monotonic() - t_start:.0f}s in all)")
     print(f"{'N':>2} {'restored KSM off':>16} {'restored KSM on':>15} {'cold KSM off':>12} {'cold KSM on':>11}"

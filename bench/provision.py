@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -34,12 +33,13 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from homes import bench_home
+
 from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.errors import OsimgError
 from orchestrator.host import qemu_img
 from orchestrator.images import catalog
-from orchestrator.settings import SOURCE_ROOT
 
 MIB = 1 << 20
 
@@ -109,12 +109,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=300, help="seconds for all guests of one step to be ready")
     a = p.parse_args()
     counts = [int(c) for c in a.counts.split(",")]
-    home = SOURCE_ROOT / ".cache" / f"bench-provision-{os.getpid()}"
-    home.mkdir(parents=True)
-    home.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the guests' files
-    ctx = Context.from_env(home=str(home))
     runs: list[Run] = []
-    try:
+    with bench_home(f"bench-provision-{os.getpid()}") as ctx:
         base = catalog.resolve(ctx, a.image).disk
         info = qemu_img.info(base)
         print(f"base {a.image}: {base} ({info.virtual_size / MIB:.0f} MiB virtual, "
@@ -129,12 +125,6 @@ def main() -> int:
                 share = f"{r.disk_with_base_share / MIB:15.2f}" if mode == "overlay" else f"{'-':>15}"
                 print(f"{mode:<8} {n:>2} {r.ready_s:15.1f} {r.disk_bytes / MIB:14.2f} {r.disk_end_bytes / MIB:10.2f} "
                       f"{share} {r.rss_bytes / MIB:13.1f}", flush=True)
-    finally:
-        for d in ctx.hv.list_domains():
-            if d.metadata.get("home") == str(home):
-                ctx.hv.undefine(d.name)
-        ctx.close()
-        shutil.rmtree(home, ignore_errors=True)
     print("\nratios overlay / copy (below 1: overlays are cheaper)")
     print(f"{'N':>2} {'time to ready':>13} {'disk/guest':>10} {'at end':>7} {'disk+base share':>15} {'RSS/guest':>9}")
     by = {(r.mode, r.n): r for r in runs}

@@ -31,7 +31,6 @@ usage: .venv/bin/python bench/swap_downtime.py [--families tiny,debian] [--guest
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import threading
@@ -39,10 +38,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from homes import bench_home
+
 from orchestrator import guests, swap
 from orchestrator.context import Context
 from orchestrator.images import lifecycle
-from orchestrator.settings import SOURCE_ROOT
 
 PROBE_EVERY = 0.05
 AGREE_SHARE = 0.2  # the probe and the orchestrator agree within PROBE_EVERY + 20% of the larger figure
@@ -374,24 +374,14 @@ def main() -> int:
                     "measures batches more fully)")
     a = ap.parse_args()
     tag = f"b{uuid.uuid4().hex[:4]}"
-    home = SOURCE_ROOT / ".cache" / f"bench-swap-{tag}"
-    home.mkdir(parents=True)
-    home.chmod(0o755)
-    ctx = Context.from_env(home=str(home))
-    print(f"accelerator: {ctx.accel.label}", flush=True)
-    results: dict[str, dict[str, list[float]]] = {}
-    rollout: dict[int, float] = {}
-    try:
+    with bench_home(f"bench-swap-{tag}") as ctx:
+        print(f"accelerator: {ctx.accel.label}", flush=True)
+        results: dict[str, dict[str, list[float]]] = {}
+        rollout: dict[int, float] = {}
         for fam in a.families.split(","):
             results[fam] = family_run(ctx, fam, a.guests, tag)
         if "tiny" in results and not a.no_rollout:
             rollout = rollout_run(ctx, tag)
-    finally:
-        for d in ctx.hv.list_domains():
-            if d.metadata.get("home") == str(home):
-                ctx.hv.undefine(d.name)
-        ctx.close()
-        shutil.rmtree(home, ignore_errors=True)
     print("\nfamily   warm median   cold median   warm/cold   (downtime, host probe every 50 ms)")
     for fam, r in results.items():
         ok = {k: [x for x in v if x == x] for k, v in r.items()}  # NaN marks a failed swap

@@ -4,9 +4,8 @@
 Tiny family (fast under TCG), one run, two tables:
 
 1. **Memory size** (256 MiB, 1 GiB, 2 GiB). A golden image's memory state has the size of its
-   builder's memory, and ``lifecycle.build`` has no memory setting (the builder gets the recipe's
-   ``memory_mib``, 256 for tiny): the bench passes the size to the builder's ``guests.create`` for
-   the time of its builds. Each builder touches ``FILL_SHARE`` of its memory with non-zero data
+   builder's memory (``lifecycle.build(..., memory_mib=)``; by default the recipe's, 256 MiB for
+   tiny). Each builder touches ``FILL_SHARE`` of its memory with non-zero data
    (``fill_script``) before capture, so the golden state holds that much (QEMU skips only zero
    pages). A guest paged in from it has the same touched memory, so every measured swap pages out
    a touched old OS and pages in a touched new one. Per size: one guest, an unmeasured warm swap
@@ -30,30 +29,25 @@ usage: .venv/bin/python bench/swap_scaling.py [--sizes 256,1024,2048] [--batches
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
-import shutil
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from unittest import mock
 
+from homes import bench_home
 from swap_downtime import Measured, measure_rollout, report_agreement
 
 from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.host.domain import DomainDocument
 from orchestrator.images import catalog, lifecycle
-from orchestrator.settings import SOURCE_ROOT
 
 FAMILY = "tiny"
 FILL_SHARE = 0.7  # of the guest's memory, touched with non-zero data
 # Each probe request runs a CGI in the guest: at 50 ms, four probed TCG guests took more than this
 # host's 2 cores before any swap began. The agreement rule scales with the interval.
 PROBE_EVERY = 0.1
-WINDOW_STEPS = ("quiesce", "page-out", "page-in", "reseed", "attach", "customize")
+WINDOW_STEPS = ("release", "detach", "quiesce", "page-out", "destroy", "page-in", "reseed", "attach", "customize")
 
 
 def fill_script(mib: int) -> str:
@@ -80,19 +74,11 @@ mv s16 f$n; cd /; umount /mnt; echo "touched $total MiB"
 """
 
 
-@contextlib.contextmanager
-def builder_memory(mib: int) -> Iterator[None]:
-    """``lifecycle.build`` boots its builder with the recipe's memory: give it ``mib`` instead."""
-    with mock.patch.object(lifecycle.guests, "create", functools.partial(guests.create, memory_mib=mib)):
-        yield
-
-
 def build(ctx: Context, name: str, version: str, mib: int, fill: bool) -> float:
     """Build a golden image whose memory state has ``mib`` MiB (filled or not); returns the state's MiB."""
     t = time.monotonic()
     steps = lifecycle.BuildSteps(commands=[fill_script(int(mib * FILL_SHARE))]) if fill else None
-    with builder_memory(mib):
-        lifecycle.build(ctx, name, f"{FAMILY}:{version}", steps, boot_timeout=300)
+    lifecycle.build(ctx, name, f"{FAMILY}:{version}", steps, boot_timeout=300, memory_mib=mib)
     state = catalog.resolve(ctx, name).state_file
     size = state.stat().st_size / (1 << 20) if state else float("nan")
     print(f"[build] {name}: {mib} MiB guest, {'touched' if fill else 'not touched'}, state file {size:.0f} MiB, "
@@ -197,16 +183,12 @@ def main() -> int:
     sizes = [int(x) for x in a.sizes.split(",") if x]
     batches = [int(x) for x in a.batches.split(",") if x]
     tag = f"s{uuid.uuid4().hex[:4]}"
-    home = SOURCE_ROOT / ".cache" / f"bench-scaling-{tag}"
-    home.mkdir(parents=True)
-    home.chmod(0o755)
-    ctx = Context.from_env(home=str(home))
-    print(f"accelerator: {ctx.accel.label}", flush=True)
-    t0 = time.monotonic()
-    mem: dict[int, tuple[float, list[Measured]]] = {}
-    bat: dict[int, tuple[float, list[Measured]]] = {}
-    contrast = None
-    try:
+    with bench_home(f"bench-scaling-{tag}") as ctx:
+        print(f"accelerator: {ctx.accel.label}", flush=True)
+        t0 = time.monotonic()
+        mem: dict[int, tuple[float, list[Measured]]] = {}
+        bat: dict[int, tuple[float, list[Measured]]] = {}
+        contrast = None
         for mib in sizes:
             mem[mib] = memory_run(ctx, tag, mib, a.swaps)
         smallest = min(sizes)
@@ -214,12 +196,6 @@ def main() -> int:
             bat = batch_run(ctx, tag, f"{tag}-m{smallest}-v1", f"{tag}-m{smallest}-v2", batches)
         if not a.no_contrast:
             contrast = contrast_run(ctx, tag, f"{tag}-m{smallest}-v1", max(sizes))
-    finally:
-        for d in ctx.hv.list_domains():
-            if d.metadata.get("home") == str(home):
-                ctx.hv.undefine(d.name)
-        ctx.close()
-        shutil.rmtree(home, ignore_errors=True)
     print(f"\nwarm swap window vs guest memory ({FAMILY}, up to {int(FILL_SHARE * 100)}% of memory touched in the "
           f"old and the new OS; medians of {a.swaps} swaps, seconds)")
     print(f"{'state MiB':>10} " + table_head("memory MiB"))

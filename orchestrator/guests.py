@@ -460,13 +460,14 @@ def app_counter(port: int, timeout: float = 2.0) -> int | None:
         return None
 
 
-def wait_app(port: int, timeout: float, poll: float = 0.05) -> int | None:
-    """Poll until the application answers. Each request may take up to 3 s: a request given up on
-    keeps running in the guest, and on a slow guest (Debian's CGI forks several processes under
-    TCG) abandoned requests pile up behind the counter's lock faster than they finish."""
+def wait_app(port: int, timeout: float, poll: float = 0.05, request_timeout: float = 3.0) -> int | None:
+    """Poll until the application answers. Each request may take up to ``request_timeout``: a request
+    given up on keeps running in the guest, and on a slow guest abandoned requests pile up behind the
+    counter's lock faster than they finish. While a guest boots, a request sent before its network is
+    up waits for nothing: a shorter timeout notices the application sooner."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        n = app_counter(port, timeout=3.0)
+        n = app_counter(port, timeout=request_timeout)
         if n is not None:
             return n
         time.sleep(poll)

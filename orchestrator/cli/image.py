@@ -21,6 +21,8 @@ def register(nouns: dict[str, Any]) -> None:
     b.add_argument("name")
     b.add_argument("--from", dest="source", required=True, help="recipe FAMILY:VERSION or an image name")
     b.add_argument("--customize", metavar="FILE", help="YAML build steps: files (path, content, mode), commands")
+    b.add_argument("--memory", type=int, help="the builder's MiB (default: the source's); guests paged in from "
+                   "the image run with it")
     for verb, fn, what in (("clone", cmd_image_clone, "full copy of an image"),
                            ("snapshot", cmd_image_snapshot, "metadata-only image: an overlay on SRC")):
         sp = add(image, verb, fn, what)
@@ -42,7 +44,8 @@ def _image_row(i: catalog.Image) -> dict[str, Any]:
 def cmd_image_build(ctx: Context, a: argparse.Namespace) -> int:
     steps = lifecycle.BuildSteps.load(Path(a.customize)) if a.customize else None
     with status(a, f"building image {a.name} from {a.source}") as progress:
-        img = lifecycle.build(ctx, a.name, a.source, steps, progress=lambda m: progress(f"{a.name}: {m}"))
+        img = lifecycle.build(ctx, a.name, a.source, steps, progress=lambda m: progress(f"{a.name}: {m}"),
+                              memory_mib=a.memory)
     if a.json:
         emit_json(_image_row(img))
     else:

@@ -71,8 +71,11 @@ class BuildSteps:
 
 # -- build and capture -------------------------------------------------------------------------------------
 def build(ctx: Context, name: str, source: str, steps: BuildSteps | None = None,
-          progress: Progress = quiet, boot_timeout: float = 180) -> catalog.Image:
-    """Boot a hidden builder from ``source``, run ``steps``, capture disk and memory as ``name``."""
+          progress: Progress = quiet, boot_timeout: float = 180, memory_mib: int | None = None) -> catalog.Image:
+    """Boot a hidden builder from ``source``, run ``steps``, capture disk and memory as ``name``.
+
+    ``memory_mib``: the builder's memory (default: the source's), which is also the memory every guest
+    paged in from this image runs with (a saved state keeps its size)."""
     catalog.check_new_name(ctx, name)
     src = catalog.resolve(ctx, source)
     if ":" not in source:
@@ -82,7 +85,7 @@ def build(ctx: Context, name: str, source: str, steps: BuildSteps | None = None,
     tmp = catalog.staging(ctx, name)
     try:
         progress(f"booting hidden builder {builder} from {source}")
-        g = guests.create(ctx, builder, source, hidden=True, config_drive=False)
+        g = guests.create(ctx, builder, source, hidden=True, config_drive=False, memory_mib=memory_mib)
         guests.wait_ready(ctx, g, timeout=boot_timeout)
         with guests.session(ctx, g) as s:
             for f in steps.files:

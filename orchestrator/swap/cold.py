@@ -8,7 +8,7 @@ from dataclasses import asdict
 from .. import guests
 from ..cluster.store import Lease
 from ..context import Context
-from ..errors import ClusterError
+from ..errors import ClusterError, GuestError
 from ..failpoints import failpoint
 from ..host import qemu_img
 from ..images import catalog
@@ -66,14 +66,18 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         ctx.hv.start(g.name)
         mark(ctx, lease, g.name, "booted")
         failpoint("cold-booted")
+        # the downtime ends at the application's first answer (the image starts it at boot), as a
+        # warm swap's; the ready marker, SSH and the health check follow
+        if res.counter_before is not None:
+            if guests.wait_app(new.app_port, timeout=health_timeout, poll=0.02, request_timeout=1.0) is None:
+                raise GuestError(f"{g.name}: the application does not answer on the new OS")
+            res.downtime = round(time.monotonic() - down, 3)
         guests.wait_ready(ctx, new, timeout=health_timeout)
         start_workload(ctx, new)
         step(res, "boot", t0)
-        # the downtime ends at the application's first answer, as a warm swap's (the SSH check follows)
-        if res.counter_before is not None:
-            guests.wait_app(new.app_port, timeout=min(health_timeout, 30), poll=0.02)
-        res.downtime = round(time.monotonic() - down, 3)
         n = health(ctx, new, target.os_version, res.counter_before, health_timeout)
+        if res.downtime is None:
+            res.downtime = round(time.monotonic() - down, 3)
         res.counter_after = n
         step(res, "health", t0)
     except ClusterError:
