@@ -22,6 +22,7 @@ import pytest
 
 from orchestrator import guests, swap
 from orchestrator.context import Context
+from orchestrator.swap.steps import guest_sh
 
 from .conftest import GOLD_DEBIAN_V2, HOME, gname
 
@@ -162,3 +163,33 @@ def test_a_failed_restore_rolls_back_with_the_processes_continued(ctx: Context, 
     assert (version, pid, started) == (before[1], 1, before[3]), (version, pid, started, before)
     # not restarted (it would count from 1): only the swap's own probes and this request came in between
     assert before[4] < served <= before[4] + 5 and count > before[0], (served, count, before)
+
+
+HOLDER = ("unshare --pid --fork sh -c 'exec 3>>/data/held; while :; do sleep 1; done' </dev/null >/dev/null 2>&1 &"
+          ' U=$!; n=0; C=; while [ -z "$C" ] && [ $n -lt 250 ]; do C=$(cat /proc/$U/task/$U/children 2>/dev/null);'
+          ' [ -n "$C" ] || sleep 0.02; n=$((n + 1)); done; echo "${C%% *}" >/run/holder.pid\n')
+
+
+def test_a_carried_tree_with_a_file_open_on_data_does_not_hold_up_the_release(
+        ctx: Context, deb_guest: guests.Guest) -> None:
+    """A carried tree that has a file under /data open at its checkpoint (a request in flight, a
+    log) keeps /data busy while its stopped original lives: the checkpoint holds the file, so the
+    original is ended at once (not after the quiesce's 10 s grace) and the tree resumes on the new
+    OS with the file open again."""
+    g = guests.load(ctx, deb_guest.name)
+    g.customization = {**g.customization, "carry": [
+        {"name": "app", "pidfile": "/run/osimg-app.pid", "files": ["/usr/lib/osimg/app.py"]},
+        {"name": "holder", "pidfile": "/run/holder.pid"}]}
+    g.save(ctx)
+    guest_sh(ctx, g, HOLDER, "starting a process that holds /data/held")
+    [res] = swap.rollout(ctx, swap.plan(ctx, [g.name], V2, "warm"))
+    print(f"\n[measure] a carried tree holding /data: downtime {res.downtime}s, steps {res.steps}, "
+          f"killed {res.killed}, processes {res.processes}")
+    assert res.ok, res.error
+    trees = {t["name"]: t for t in res.processes}
+    assert trees["holder"]["outcome"] == "resumed" and trees["app"]["outcome"] == "resumed", trees
+    assert any(k.endswith(" sh") for k in res.killed), res.killed  # the stopped original, ended
+    release = res.steps["release"] - res.steps["prepare"]
+    assert release < 10, f"the release waited out the grace: {release:.1f}s"
+    out = guest_sh(ctx, guests.load(ctx, g.name), 'P=$(cat /run/holder.pid); ls -l /proc/$P/fd/3\n', "holder fd")
+    assert "/data/held" in out, out

@@ -26,6 +26,7 @@ from . import checkpoints, journal, staging
 from .steps import (
     PAGEIN_FILE,
     ROLLBACK_SNAPSHOT,
+    LastAnswer,
     SwapResult,
     carried,
     checkpoint_token,
@@ -115,6 +116,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
     step(res, "prepare", t0)
 
     down = time.monotonic()
+    watch = LastAnswer(g.app_port, down) if res.counter_before is not None else None
     try:
         progress(f"{g.name}: quiesce")
         # The old OS lets go of the data volume first: its page cache of /data must not survive
@@ -122,6 +124,8 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         mark(ctx, lease, g.name, "releasing")
         failpoint("warm-releasing")
         quiesce(ctx, g, res, ready, token, scanned=True, flush=False)
+        if watch is not None:
+            down = watch.stop()  # the application's downtime starts at its last answer
         step(res, "release", t0)
         data_disk = guests.data_disk(ctx, g)
         if data_disk is not None:
@@ -188,6 +192,9 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
     except Exception as err:  # whatever failed in the window, the guest must get its OS back
         roll_back(ctx, lease, res, old, new_overlay, err, progress)
         return
+    finally:
+        if watch is not None:
+            watch.stop()
     finish(ctx, lease, res, old, new, t0)
     if res.ok and mount and res.processes:
         # outside the downtime: resumed trees get a scope of their own, the checkpoints go
