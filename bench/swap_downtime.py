@@ -62,9 +62,11 @@ class Probe:
 
     Requests overlap: one request sent during an outage may wait seconds (QEMU's user-mode network
     accepts the connection while the guest is paused or gone), and a probe that waited for it
-    would miss the moment the application came back. An answer counts only if it came back
-    within ``SLOW`` of its request: a late answer to a held request says nothing about when the
-    application answered again, so a request is given up after ``REQUEST_TIMEOUT``. At most
+    would miss the moment the application came back. The old OS's last answer counts only if it
+    came back within ``SLOW`` of its request (a late one says little about when the old OS still
+    served); the new OS's first answer counts whenever it came, prompt or late: the new OS served it
+    by then at the latest (a booting guest may answer slowly for a while, and the orchestrator counts
+    such an answer too). A request is given up after ``REQUEST_TIMEOUT``. At most
     ``MAX_INFLIGHT`` requests are open at once, so a slow guest is not buried under abandoned
     requests; a tick without a request (all open) is counted and printed. Each answer is kept with the OS version that
     served it ("COUNTER VERSION ..."), so the outage is found between the two OSes.
@@ -75,7 +77,7 @@ class Probe:
         self.every = every
         self.ok: list[tuple[float, str, float]] = []  # (answered, version, sent) of prompt answers
         self.sends: list[float] = []
-        self.late: list[tuple[float, float]] = []  # (sent, answered) of answers slower than SLOW
+        self.late: list[tuple[float, str, float]] = []  # (answered, version, sent) of answers slower than SLOW
         self.sent = 0
         self.skipped = 0  # ticks without a request: MAX_INFLIGHT requests were open
         self._inflight = 0
@@ -93,7 +95,7 @@ class Probe:
                     if done - sent <= SLOW:
                         self.ok.append((done, parts[1], sent))
                     else:
-                        self.late.append((sent, done))
+                        self.late.append((done, parts[1], sent))
         finally:
             with self._lock:
                 self._inflight -= 1
@@ -126,13 +128,14 @@ class Probe:
             return sum(a > t and v == version for a, v, _ in self.ok)
 
     def outage(self, old: str, new: str) -> tuple[float, float, float]:
-        """(last prompt answer of the old OS, first prompt answer of the new OS after it, how long the
+        """(last prompt answer of the old OS, first answer of the new OS after it, how long the
         probe sent nothing before the request that got that first answer); NaN where missing.
         The last figure bounds how late the probe may have noticed the new OS."""
         with self._lock:
             pts = sorted(self.ok)
             sends = list(self.sends)
-        first = next(((a, s) for a, v, s in pts if v == new), None)
+            late = sorted(self.late)
+        first = next(((a, s) for a, v, s in sorted(pts + late) if v == new), None)
         if first is None:
             return NAN, NAN, NAN
         before = [a for a, v, _ in pts if a < first[0] and v == old]

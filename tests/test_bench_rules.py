@@ -52,3 +52,7 @@ def test_outage_lies_between_the_old_os_and_the_new_one() -> None:
     assert (last_old, first_new) == (13.1, 14.5)  # 1.4 s, not the 3 s gap inside v1
     assert math.isclose(blind, 14.45 - 13.3)
     assert all(math.isnan(x) for x in p.outage("v1", "v3"))  # the new OS never answered
+    # a slow first answer of a booting new OS counts when it came (it served by then); a slow one of
+    # the old OS does not extend the old OS's time
+    p.late = [(14.3, "v2", 13.6), (13.9, "v1", 13.2)]
+    assert p.outage("v1", "v2")[:2] == (13.1, 14.3)
