@@ -43,9 +43,9 @@ from ..customize import live_script, sh_quote
 from ..errors import GuestError
 from ..failpoints import failpoint
 from ..host import qemu_img
-from ..host.domain import DomainSpec, retarget_saved_state, rewrite_identity
+from ..host.domain import DomainSpec
 from ..images import catalog
-from .steps import PAGEIN_FILE, reseed, staging_name
+from .steps import PAGEIN_FILE, page_in_file, reseed, staging_name
 
 STAGED_FILE = "staged.sav"  # the golden state under the staging identity, then the staged save
 STAGING_LOG = "staging.log"
@@ -85,8 +85,7 @@ def stage(ctx: Context, new: guests.Guest, target: catalog.BootImage, machine_id
     staging = staging_spec(spec, gdir)
     staged = gdir / STAGED_FILE
     ctx.hv.destroy(staging.name)  # a staging domain of an earlier, killed swap (its journal entry is gone)
-    retarget_saved_state(target.state_file, staged, rewrite_identity(ctx.hv.saved_xml(str(target.state_file)),
-                                                                     staging))
+    page_in_file(ctx, target.state_file, staged, staging)
     ctx.hv.restore(str(staged))
     failpoint("warm-staging")
     try:
@@ -110,7 +109,7 @@ def stage(ctx: Context, new: guests.Guest, target: catalog.BootImage, machine_id
         ctx.hv.save(staging.name, str(staged))
     finally:
         ctx.hv.destroy(staging.name)
-    retarget_saved_state(staged, gdir / PAGEIN_FILE, rewrite_identity(ctx.hv.saved_xml(str(staged)), spec))
+    page_in_file(ctx, staged, gdir / PAGEIN_FILE, spec)
     staged.unlink()
     (gdir / STAGING_LOG).unlink(missing_ok=True)
     (gdir / STAND_IN).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from ..context import Context
 from ..customize import DATA_MOUNT, Carry, live_script, sh_quote
 from ..errors import ClusterError, GuestError, OsimgError, SwapError
 from ..failpoints import failpoint
-from ..host.domain import domain_xml
+from ..host.domain import DomainSpec, domain_xml, retarget_saved_state, rewrite_identity
 from ..images import catalog
 from ..process import Progress
 from . import checkpoints, journal
@@ -188,6 +188,12 @@ class LastAnswer:
         self._stop.set()
         self._thread.join(timeout=1)
         return self.last
+
+
+def page_in_file(ctx: Context, src: Path, dst: Path, spec: DomainSpec) -> None:
+    """Write ``dst``: the save file ``src`` carrying the identity of ``spec`` (name, UUID, disks, log,
+    forwards; see ``host.domain.rewrite_identity``)."""
+    retarget_saved_state(src, dst, rewrite_identity(ctx.hv.saved_xml(str(src)), spec))
 
 
 def step(res: SwapResult, name: str, t0: float) -> None:

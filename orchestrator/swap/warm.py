@@ -19,7 +19,6 @@ from ..customize import Carry, live_script
 from ..errors import ClusterError, GuestError, OsimgError, SwapError
 from ..failpoints import failpoint
 from ..host import qemu_img
-from ..host.domain import retarget_saved_state, rewrite_identity
 from ..images import catalog
 from ..process import Progress
 from . import checkpoints, journal, staging
@@ -38,6 +37,7 @@ from .steps import (
     mark,
     moved,
     new_overlay_name,
+    page_in_file,
     preparing,
     quiesce,
     record_trees,
@@ -104,9 +104,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
             staging.stage(ctx, new, target, machine_id,
                           read_ahead=[f for t in ready for f in checkpoints.paths(prints.get(t.name, []))])
         else:
-            spec = guests.domain_spec(ctx, new)
-            saved_xml = ctx.hv.saved_xml(str(target.state_file))
-            retarget_saved_state(target.state_file, gdir / PAGEIN_FILE, rewrite_identity(saved_xml, spec))
+            page_in_file(ctx, target.state_file, gdir / PAGEIN_FILE, guests.domain_spec(ctx, new))
         failpoint("warm-pagein-written")
         cache(gdir / PAGEIN_FILE)
         held(ctx, g, res)
