@@ -36,6 +36,11 @@ class HypervisorError(OsimgError):
     exit_code = 5
 
 
+class HostUnreachableError(HypervisorError):
+    """A libvirt host does not answer (its libvirtd stopped, its machine is gone): a rollout skips it
+    and ``osimg swap --resume`` finishes its journaled swaps once it is back."""
+
+
 class StorageError(OsimgError):
     """An image file is missing, corrupt, or a storage tool failed."""
 

@@ -21,11 +21,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import customize, recipes
+from . import customize, hosts, recipes
 from .context import Context
 from .errors import ConflictError, GuestError, NotFoundError, OsimgError, StorageError, ValidationError
 from .host import qemu_img
-from .host.console import wait_for_serial
+from .host.console import wait_for_text
 from .host.domain import DiskSpec, DomainSpec, NetSpec
 from .host.ssh import Session, new_host_key
 from .images import catalog
@@ -39,6 +39,7 @@ DATA_SERIAL = customize.DATA_SERIAL
 MAX_VCPUS = 64
 MIN_DATA, MAX_DATA = 8 << 20, 16 << 40  # mkfs.ext4 needs a few MiB; the fleet spec allows the same range
 HOST_KEY_FILE = "ssh_host_ed25519_key"
+CONFIG_DRIVE, DATA_VOLUME, CONSOLE = "cidata.iso", "data.qcow2", "console.log"
 
 
 @dataclass
@@ -73,21 +74,32 @@ class Guest:
     # host_key is the guest's own (made at create, on its config drive); False: the image's key
     # (a builder without a drive, or a record from before per-guest keys)
     own_host_key: bool = False
+    host: str | None = None  # a registered host (its files in a pool there, see ``hosts``); None: this one
 
     def dir(self, ctx: Context) -> Path:
+        """The guest's folder under OSIMG_HOME: its record and its host key (its disks, for a local guest)."""
         return ctx.settings.guests_dir / self.name
+
+    def files(self, ctx: Context) -> hosts.Files:
+        """Where QEMU's files of the guest are: this folder, or the guest's pool on its host."""
+        return hosts.guest_files(ctx, self.host, self.name, self.dir(ctx))
+
+    def at(self, ctx: Context) -> Context:
+        """The handle of the guest's libvirt host."""
+        return hosts.context(ctx, self.host)
 
     def overlay(self, ctx: Context) -> Path:
         return self.dir(ctx) / self.overlay_file
 
     def data_volume(self, ctx: Context) -> Path | None:
-        return self.dir(ctx) / "data.qcow2" if self.data_uuid else None
+        """The data volume of a local guest (a guest on another host: ``files(ctx)``)."""
+        return self.dir(ctx) / DATA_VOLUME if self.data_uuid else None
 
     def config_drive(self, ctx: Context) -> Path:
-        return self.dir(ctx) / "cidata.iso"
+        return self.dir(ctx) / CONFIG_DRIVE
 
     def console(self, ctx: Context) -> Path:
-        return self.dir(ctx) / "console.log"
+        return self.dir(ctx) / CONSOLE
 
     def host_key_file(self, ctx: Context) -> Path:
         return self.dir(ctx) / HOST_KEY_FILE
@@ -126,6 +138,11 @@ def from_record(ctx: Context, data: object, what: str, hint: str = "") -> Guest:
         raise StorageError(f"{what} is broken (its customization is malformed){hint}") from None
     for label in ("base", "kernel", "initrd"):
         inside(getattr(g, label), ctx.settings.file_roots, f"{what}: {label}")
+    if g.host is not None:
+        try:
+            valid_name(g.host, f"{what}: host")
+        except ValidationError as err:
+            raise StorageError(f"{what} is broken ({err}){hint}") from None
     return g
 
 
@@ -222,10 +239,12 @@ def broken_guests(ctx: Context) -> dict[str, str]:
 
 
 def domain_spec(ctx: Context, g: Guest) -> DomainSpec:
-    """The libvirt domain for a guest record: OS overlay, config drive, data volume, forwards."""
-    disks = [DiskSpec("vda", path=str(g.overlay(ctx)))]
-    if g.config_drive(ctx).exists():
-        disks.append(DiskSpec("vdb", path=str(g.config_drive(ctx)), fmt="raw", readonly=True))
+    """The libvirt domain for a guest record: OS overlay, config drive, data volume, forwards (paths
+    as the guest's host sees them)."""
+    files = g.files(ctx)
+    disks = [DiskSpec("vda", path=files.path(g.overlay_file))]
+    if files.exists(CONFIG_DRIVE):
+        disks.append(DiskSpec("vdb", path=files.path(CONFIG_DRIVE), fmt="raw", readonly=True))
     data = data_disk(ctx, g)
     if data is not None:
         disks.append(data)
@@ -235,8 +254,9 @@ def domain_spec(ctx: Context, g: Guest) -> DomainSpec:
            NetSpec(forwards={22: g.ssh_port, g.guest_app_port: g.app_port}, mac=g.mac,
                    subnet=custom.user_mode_net()))
     return DomainSpec(
-        name=g.name, uuid=g.uuid, kernel=g.kernel, initrd=g.initrd,
-        cmdline=f"{g.cmdline} {extra}".strip(), disks=disks, serial_log=str(g.console(ctx)),
+        name=g.name, uuid=g.uuid, kernel=hosts.image_path(ctx, g.host, g.kernel),
+        initrd=hosts.image_path(ctx, g.host, g.initrd),
+        cmdline=f"{g.cmdline} {extra}".strip(), disks=disks, serial_log=files.path(CONSOLE),
         accel=g.accel, memory_mib=g.memory_mib, vcpus=g.vcpus, net=net,
         metadata={"home": str(ctx.settings.home), "image": g.image, "hidden": "1" if g.hidden else "0",
                   "ssh-port": str(g.ssh_port), "app-port": str(g.app_port)},
@@ -245,13 +265,22 @@ def domain_spec(ctx: Context, g: Guest) -> DomainSpec:
 
 def data_disk(ctx: Context, g: Guest) -> DiskSpec | None:
     """The guest's data volume as a disk (one definition for boot, hot-plug and unplug), or None."""
-    data = g.data_volume(ctx)
-    return DiskSpec(DATA_TARGET, path=str(data), serial=DATA_SERIAL) if data is not None else None
+    if not g.data_uuid:
+        return None
+    return DiskSpec(DATA_TARGET, path=g.files(ctx).path(DATA_VOLUME), serial=DATA_SERIAL)
 
 
 def write_customization(ctx: Context, g: Guest) -> None:
     c = g.custom().with_data(g.data_uuid)
-    customize.write_config_drive(g.config_drive(ctx), customize.render(g.name, c, g.uuid, g.own_key(ctx)))
+    files = g.files(ctx)
+    tmp = g.dir(ctx) / (CONFIG_DRIVE + ".new")
+    customize.write_config_drive(tmp, customize.render(g.name, c, g.uuid, g.own_key(ctx)))
+    files.put(CONFIG_DRIVE, tmp)
+
+
+def console_text(ctx: Context, g: Guest) -> str:
+    """The guest's console log (read through libvirt when the guest is on another host)."""
+    return g.files(ctx).read_text(CONSOLE)
 
 
 USER_MODE_MAC = "52:54:00:12:34:56"
@@ -269,11 +298,13 @@ def create(
     network: str | None = None,
     start: bool = True,
     config_drive: bool = True,
+    host: str | None = None,
 ) -> Guest:
     """Create a guest on a fresh overlay of ``image`` and start it.
 
-    All checks run before anything is written; on a failure after that, everything created here
-    is removed again, so a refused or failed create leaves no trace.
+    ``host``: a registered host (``hosts``) to create it on; the image is shipped there first if the
+    host lacks it. All checks run before anything is written; on a failure after that, everything
+    created here is removed again, so a refused or failed create leaves no trace.
     """
     valid_name(name, "guest name")
     custom = (custom or customize.Customization()).validate(f"guest {name}")
@@ -289,14 +320,23 @@ def create(
     gdir = ctx.settings.guests_dir / name
     if gdir.exists():
         raise ConflictError(f"a guest named {name!r} already exists (remove it with 'osimg guest rm {name}')")
-    if ctx.hv.exists(name):
+    if host is not None:
+        valid_name(host, "host name")
+        hosts.get(ctx, host)
+        if ":" in image:
+            raise ValidationError(f"guest {name}: a guest on host {host} needs a catalog image, not recipe "
+                                  f"{short(image)} (build one with 'osimg image build NAME --from {short(image)}')")
+    hctx = hosts.context(ctx, host)
+    if hctx.hv.exists(name):
         raise ConflictError(f"libvirt already has a domain named {name!r}; choose another guest name")
     img = catalog.resolve(ctx, image)
     if ":" not in image:
         catalog.verify_source(ctx, image)
     if img.disk.stat().st_mode & 0o222:
         raise StorageError(f"image {image!r}: {img.disk} is writable; images must be immutable (mode 0444)")
-    accel = ctx.accel.accel
+    if host is not None:
+        hosts.ship(ctx, host, image)
+    accel = hctx.accel.accel
     ctx.settings.ensure_dirs()
     guest_uuid = uuidlib.uuid4()
     g = Guest(
@@ -309,15 +349,17 @@ def create(
         ssh_port=free_port(), app_port=free_port(), guest_app_port=img.app_port,
         ready_marker=img.ready_marker, data_size=data_size,
         data_uuid=str(uuidlib.uuid4()) if data_size else None, hidden=hidden, network=network,
-        customization=custom.to_dict(),
+        customization=custom.to_dict(), host=host,
     )
     gdir.mkdir()
     private_dir(gdir)
     try:
-        qemu_img.create_overlay(g.overlay(ctx), img.disk)
-        data = g.data_volume(ctx)
-        if data is not None and g.data_uuid:
-            qemu_img.make_ext4_volume(data, data_size, DATA_LABEL, g.data_uuid)
+        files = g.files(ctx)
+        files.create_overlay(g.overlay_file, hosts.image_path(ctx, host, str(img.disk)))
+        if g.data_uuid:
+            tmp = gdir / (DATA_VOLUME + ".new")
+            qemu_img.make_ext4_volume(tmp, data_size, DATA_LABEL, g.data_uuid)
+            files.put(DATA_VOLUME, tmp)
         if config_drive:
             # its own host key, on its own drive: no other guest of the image can pass as this one
             g.host_key = new_host_key(g.host_key_file(ctx))
@@ -325,26 +367,40 @@ def create(
             write_customization(ctx, g)
         g.save(ctx)
         if start:
-            ctx.hv.create(domain_spec(ctx, g))
+            hctx.hv.create(domain_spec(ctx, g))
     except BaseException:
-        ctx.hv.undefine(name)
+        with contextlib.suppress(OsimgError):
+            hctx.hv.undefine(name)
+            if host is not None:
+                hosts.remove_guest_files(ctx, host, name)
         shutil.rmtree(gdir, ignore_errors=True)
         raise
     return g
 
 
 def start(ctx: Context, g: Guest) -> None:
-    if ctx.hv.exists(g.name):
-        if not ctx.hv.is_active(g.name):
-            ctx.hv.start(g.name)
+    hv = g.at(ctx).hv
+    if hv.exists(g.name):
+        if not hv.is_active(g.name):
+            hv.start(g.name)
     else:
-        ctx.hv.create(domain_spec(ctx, g))
+        hv.create(domain_spec(ctx, g))
+
+
+def wait_serial(ctx: Context, g: Guest, timeout: float) -> float:
+    """Seconds until the guest printed its ready marker on its console (read through libvirt when
+    the guest is on another host)."""
+    hv = g.at(ctx).hv
+    files = g.files(ctx)
+    where = f"{g.host}:{files.path(CONSOLE)}" if g.host else files.path(CONSOLE)
+    return wait_for_text(lambda: files.read_text(CONSOLE), where, g.ready_marker, timeout,
+                         lambda: hv.is_active(g.name), poll=0.05 if g.host is None else 0.3)
 
 
 def wait_ready(ctx: Context, g: Guest, timeout: float = 120) -> float:
     """Seconds until the guest printed its ready marker and answers SSH with the pinned key."""
     t0 = time.monotonic()
-    wait_for_serial(g.console(ctx), g.ready_marker, timeout, lambda: ctx.hv.is_active(g.name))
+    wait_serial(ctx, g, timeout)
     with session(ctx, g, timeout=max(5.0, timeout - (time.monotonic() - t0))) as s:
         s.run(["true"], check=True)
     return time.monotonic() - t0
@@ -362,9 +418,10 @@ def rotate_host_key(ctx: Context, name: str) -> str:
     later boots, and only then pinned. If the guest refuses it, nothing changes on the host.
     """
     g = load(ctx, name)
-    if not g.own_host_key or not g.config_drive(ctx).exists():
+    if not g.own_host_key or not g.files(ctx).exists(CONFIG_DRIVE):
         raise ValidationError(f"guest {name} has no host key of its own (made without a config drive); "
                               "recreate it to give it one")
+    ctx = g.at(ctx)
     if not ctx.hv.is_active(name) or not ctx.hv.agent_ping(name):
         raise GuestError(f"guest {name} is not running with its guest agent: start it, then rotate its key")
     new = g.host_key_file(ctx).with_suffix(".new")
@@ -395,13 +452,19 @@ def remove(ctx: Context, name: str) -> None:
             info = ctx.hv.info(name)
         if info is None or info.metadata.get("home") != str(ctx.settings.home):
             raise NotFoundError(f"no guest named {name!r} (see 'osimg guest list')")
+    host = None
+    with contextlib.suppress(OsimgError):  # a broken record still lets its guest go
+        host = load(ctx, name).host
+    if host is not None:
+        hosts.context(ctx, host).hv.undefine(name)
+        hosts.remove_guest_files(ctx, host, name)
     ctx.hv.undefine(name)
     shutil.rmtree(gdir, ignore_errors=True)
 
 
 def status(ctx: Context, g: Guest) -> str:
     try:
-        return ctx.hv.state(g.name)
+        return g.at(ctx).hv.state(g.name)
     except NotFoundError:
         return "undefined"
 
@@ -420,13 +483,15 @@ def resize(ctx: Context, name: str, disk: str, size: int) -> tuple[int, int]:
     g = load(ctx, name)
     if disk not in DISK_TARGETS:
         raise ValidationError(f"unknown disk {disk!r} of guest {name}: expected one of {', '.join(DISK_TARGETS)}")
-    path = g.overlay(ctx) if disk == "os" else g.data_volume(ctx)
-    if path is None:
+    if disk == "data" and not g.data_uuid:
         raise NotFoundError(f"guest {name} has no data volume (give it one at creation with a data size)")
     if size <= 0:
         raise ValidationError(f"invalid size {size} for the {disk} disk of guest {name}: expected a positive size")
     size = -(-size // 512) * 512  # qcow2 sizes are whole sectors
-    old = qemu_img.info(path).virtual_size
+    files = g.files(ctx)
+    fname = g.overlay_file if disk == "os" else DATA_VOLUME
+    ctx = g.at(ctx)
+    old = files.virtual_size(fname)
     if size < old:
         raise ValidationError(f"the {disk} disk of guest {name} is {old} bytes ({old / (1 << 20):.0f} MiB); "
                               f"shrinking it to {size} bytes is refused (only growing is supported)")
@@ -434,9 +499,12 @@ def resize(ctx: Context, name: str, disk: str, size: int) -> tuple[int, int]:
         return old, old
     if ctx.hv.is_active(name):
         ctx.hv.block_resize(name, DISK_TARGETS[disk], size)
+    elif g.host is not None:
+        raise GuestError(f"guest {name} on host {g.host} is stopped: start it, then grow its disk (a running "
+                         "guest's disk grows through libvirt)")
     else:
-        qemu_img.resize(path, size)
-    return old, qemu_img.info(path).virtual_size
+        qemu_img.resize(g.dir(ctx) / fname, size)
+    return old, files.virtual_size(fname)
 
 
 # -- the guest's application -------------------------------------------------------------------------------

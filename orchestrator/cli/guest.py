@@ -33,6 +33,7 @@ def register(nouns: dict[str, Any]) -> None:
                    help="a process tree a warm swap carries (CRIU) instead of restarting; repeatable "
                    "(default: the image's demo application)")
     c.add_argument("--no-carry", action="store_true", help="carry no process across a warm swap: restart them")
+    c.add_argument("--host", help="a registered host to create it on ('osimg host list'; default: this one)")
     ls = add(guest, "list", cmd_guest_list, "list guests")
     ls.add_argument("--all", action="store_true", help="include hidden builder guests")
     s = add(guest, "ssh", cmd_guest_ssh, "run a command in a guest over SSH (pinned host key)", json_flag=False)
@@ -64,9 +65,9 @@ def cmd_guest_create(ctx: Context, a: argparse.Namespace) -> int:
     custom.validate(f"guest {a.name}")
     with status(a, f"creating {a.name} from {a.image}"):
         g = guests.create(ctx, a.name, a.image, custom=custom, memory_mib=a.memory,
-                          vcpus=a.vcpus, data_size=a.data_size or 0)
+                          vcpus=a.vcpus, data_size=a.data_size or 0, host=a.host)
         ready = guests.wait_ready(ctx, g) if not a.no_wait else None
-    info = {"name": g.name, "image": g.image, "os_version": g.os_version, "accel": g.accel,
+    info = {"name": g.name, "host": g.host, "image": g.image, "os_version": g.os_version, "accel": g.accel,
             "ssh_port": g.ssh_port, "app_port": g.app_port, "ready_seconds": ready}
     if a.json:
         emit_json(info)
@@ -79,17 +80,21 @@ def cmd_guest_create(ctx: Context, a: argparse.Namespace) -> int:
 
 
 def cmd_guest_list(ctx: Context, a: argparse.Namespace) -> int:
-    rows = [{"name": g.name, "image": g.image, "os_version": g.os_version, "state": guests.status(ctx, g),
-             "accel": g.accel, "ssh_port": g.ssh_port, "app_port": g.app_port, "hidden": g.hidden}
+    rows = [{"name": g.name, "host": g.host or "local", "image": g.image, "os_version": g.os_version,
+             "state": guests.status(ctx, g), "accel": g.accel, "ssh_port": g.ssh_port,
+             "app_port": g.app_port, "hidden": g.hidden}
             for g in guests.all_guests(ctx, hidden=a.all)]
-    rows += [{"name": name, "image": "?", "os_version": "?", "state": "broken", "accel": "?", "ssh_port": None,
-              "app_port": None, "hidden": False, "error": why} for name, why in guests.broken_guests(ctx).items()]
+    rows += [{"name": name, "host": "?", "image": "?", "os_version": "?", "state": "broken", "accel": "?",
+              "ssh_port": None, "app_port": None, "hidden": False, "error": why}
+             for name, why in guests.broken_guests(ctx).items()]
     if a.json:
         emit_json(rows)
         return 0
-    t = Table("name", "image", "os", "state", "accel", "ssh", "app", title="guests (add --all for hidden builders)")
+    t = Table("name", "host", "image", "os", "state", "accel", "ssh", "app",
+              title="guests (add --all for hidden builders)")
     for r in rows:
-        t.add_row(*(str(r[k]) for k in ("name", "image", "os_version", "state", "accel", "ssh_port", "app_port")))
+        t.add_row(*(str(r[k]) for k in ("name", "host", "image", "os_version", "state", "accel", "ssh_port",
+                                        "app_port")))
     out.print(t)
     for r in rows:
         if r.get("error"):

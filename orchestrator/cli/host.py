@@ -7,7 +7,7 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from .. import demo, doctor
+from .. import demo, doctor, guests, hosts
 from ..context import Context
 from ..errors import ValidationError
 from ..host import ksm
@@ -26,6 +26,18 @@ def register(nouns: dict[str, Any]) -> None:
     k.add_argument("--sleep-ms", type=int, help="on: milliseconds ksmd sleeps between scans (kernel default 20)")
     k.add_argument("--keep-merged", action="store_true", help="off: stop ksmd but leave merged pages merged "
                    "(default: give every page its own copy again)")
+    ha = add(nouns["host"], "add", cmd_host_add, "register a libvirt host in the cluster store (checks that it "
+             "answers); guests and images reach it through libvirt only")
+    ha.add_argument("name")
+    ha.add_argument("uri", help="its libvirt URI, e.g. qemu+ssh://root@b.example/system")
+    ha.add_argument("--root", default=hosts.DEFAULT_ROOT, help="folder on that host for osimg's storage pools "
+                    f"(default {hosts.DEFAULT_ROOT})")
+    ha.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
+                    help="the accelerator its guests use (default tcg; say kvm for a host with working KVM)")
+    add(nouns["host"], "list", cmd_host_list, "the registered hosts, their guests and images")
+    hr = add(nouns["host"], "rm", cmd_host_rm, "forget a host (refused while guests live on it); removes its "
+             "image pools there")
+    hr.add_argument("name")
     dm = add(nouns["_top"], "demo", cmd_demo, "run the whole life cycle end to end and report it")
     dm.add_argument("--keep", action="store_true", help="leave the guests and images for inspection")
     dm.add_argument("--family", choices=demo.FAMILIES, default="tiny",
@@ -45,6 +57,40 @@ def cmd_doctor(ctx: Context, a: argparse.Namespace) -> int:
         mark = "[green]ok[/]" if c.ok else "[red]FAIL[/]"
         out.print(f"{mark} {c.name}: {c.detail}")
     return 0 if rep.ok else 1
+
+
+def cmd_host_add(ctx: Context, a: argparse.Namespace) -> int:
+    h = hosts.add(ctx, a.name, a.uri, root=a.root, accel=a.accel)
+    if a.json:
+        emit_json(asdict(h))
+    else:
+        out.print(f"host {h.name}: {h.uri} (pools under {h.root}, {h.accel})", markup=False)
+    return 0
+
+
+def cmd_host_list(ctx: Context, a: argparse.Namespace) -> int:
+    on: dict[str, list[str]] = {}
+    for g in guests.all_guests(ctx, hidden=True):
+        on.setdefault(g.host or "local", []).append(g.name)
+    rows = [{**asdict(h), "guests": on.get(h.name, []), "images": hosts.shipped(ctx, h.name)}
+            for h in hosts.list_hosts(ctx)]
+    if a.json:
+        emit_json(rows)
+        return 0
+    t = Table("host", "uri", "accel", "guests", "images", title="hosts (guests without a host run on this one)")
+    for r in rows:
+        t.add_row(r["name"], r["uri"], r["accel"], ", ".join(r["guests"]) or "-", ", ".join(r["images"]) or "-")
+    out.print(t)
+    return 0
+
+
+def cmd_host_rm(ctx: Context, a: argparse.Namespace) -> int:
+    hosts.remove(ctx, a.name, [g.name for g in guests.all_guests(ctx, hidden=True) if g.host == a.name])
+    if a.json:
+        emit_json({"removed": a.name})
+    else:
+        out.print(f"host {a.name} removed", markup=False)
+    return 0
 
 
 def cmd_ksm(ctx: Context, a: argparse.Namespace) -> int:

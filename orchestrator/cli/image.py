@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .. import recipes
+from .. import hosts, recipes
 from ..context import Context
 from ..images import catalog, lifecycle
 from .common import Table, add, emit_json, err, out, remove_each, status
@@ -33,6 +33,10 @@ def register(nouns: dict[str, Any]) -> None:
                            ("verify", cmd_image_verify, "recompute hashes and check the backing chain")):
         add(image, verb, fn, what).add_argument("name")
     add(image, "rm", cmd_image_rm, "remove images nothing depends on").add_argument("names", nargs="+")
+    sh = add(image, "ship", cmd_image_ship, "upload an image to a registered host's storage pool through libvirt "
+             "and check its hashes there (done on demand by guest create and swap)")
+    sh.add_argument("name")
+    sh.add_argument("--host", required=True, help="the host ('osimg host list')")
     rb = add(nouns["recipe"], "build", cmd_recipe_build, "build recipe images (FAMILY:VERSION), reusing cached builds")
     rb.add_argument("refs", nargs="+", metavar="FAMILY:VERSION")
 
@@ -118,3 +122,15 @@ def cmd_recipe_build(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_ship(ctx: Context, a: argparse.Namespace) -> int:
+    with status(a, f"shipping {a.name} to {a.host}"):
+        done = hosts.ship(ctx, a.host, a.name)
+    if a.json:
+        emit_json(asdict(done))
+    elif done.already:
+        out.print(f"host {done.host} has {done.image} already (hashes match)", markup=False)
+    else:
+        mb = done.bytes_sent / (1 << 20)
+        out.print(f"{done.image} shipped to {done.host}: {len(done.files)} files, {mb:.1f} MiB in {done.seconds:.2f}s, "
+                  "sha256 checked on the host's copy", markup=False)
+    return 0

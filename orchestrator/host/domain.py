@@ -657,8 +657,8 @@ SAVE_VERSION = 2
 SAVE_HEADER = struct.Struct("<16s5I56x")  # magic, version, data_len, was_running, compressed, cookieOffset
 
 
-def retarget_saved_state(src: Path, dst: Path, xml: str) -> None:
-    """Write a copy of a libvirt save file whose embedded domain XML is ``xml``.
+def saved_header(src: Path, xml: str) -> bytes:
+    """The header (libvirt's, then the XML area) of a copy of save file ``src`` whose domain XML is ``xml``.
 
     libvirt refuses to restore a saved state under another UUID (its ABI check treats the UUID as
     guest-visible), so paging one golden state into many guests needs a per-guest copy carrying
@@ -691,12 +691,36 @@ def retarget_saved_state(src: Path, dst: Path, xml: str) -> None:
         raise HypervisorError(f"{src}: rewritten domain XML ({len(body)} bytes with the cookie) does not fit "
                               f"the save file's {data_len}-byte header")
     new_cookie_off = len(new_xml) + 1 if cookie else 0
+    head = SAVE_HEADER.pack(magic, version, data_len, was_running, compressed, new_cookie_off)
+    return head + body.ljust(data_len, b"\0")
+
+
+def saved_domain_xml(src: Path) -> str:
+    """The domain XML inside a save file, read locally (``Hypervisor.saved_xml`` asks a libvirtd,
+    which reads the file on its own host)."""
+    with open(src, "rb") as f:
+        head = f.read(SAVE_HEADER.size)
+        if len(head) < SAVE_HEADER.size:
+            raise HypervisorError(f"{src}: truncated save file (header of {len(head)} bytes)")
+        magic, version, data_len, _, _, _ = SAVE_HEADER.unpack(head)
+        if magic != SAVE_MAGIC or version != SAVE_VERSION or not 0 < data_len <= 1 << 24:
+            raise HypervisorError(f"{src}: not a libvirt save file of a known version")
+        data = f.read(data_len)
+    return data.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+
+
+def retarget_saved_state(src: Path, dst: Path, xml: str) -> None:
+    """Write a copy of save file ``src`` whose embedded domain XML is ``xml`` (see ``saved_header``):
+    the new header, then QEMU's migration stream copied unchanged in the kernel (copy_file_range).
+    The header keeps its length, so a copy of the same file elsewhere (another host's) becomes the
+    same page-in file by overwriting its first ``len(header)`` bytes."""
+    header = saved_header(src, xml)
+    stream_len = os.stat(src).st_size - len(header)
     tmp = dst.with_suffix(".tmp")
     try:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            fout.write(SAVE_HEADER.pack(magic, version, data_len, was_running, compressed, new_cookie_off))
-            fout.write(body.ljust(data_len, b"\0"))
-            offset = SAVE_HEADER.size + data_len
+            fout.write(header)
+            offset = len(header)
             remaining = stream_len
             while remaining > 0:
                 n = os.copy_file_range(fin.fileno(), fout.fileno(), remaining, offset)

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import libvirt
 import libvirt_qemu
 
-from ..errors import ConflictError, GuestError, HypervisorError, NotFoundError
+from ..errors import ConflictError, GuestError, HostUnreachableError, HypervisorError, NotFoundError
 from ..validate import short
 from .domain import DiskSpec, DomainSpec, disk_xml, domain_xml, metadata_of, snapshot_xml
 
@@ -71,9 +72,9 @@ class Hypervisor:
             try:
                 self._conn = libvirt.open(self.uri)
             except libvirt.libvirtError as err:
-                raise HypervisorError(
-                    f"cannot reach libvirtd at {self.uri}: {err.get_error_message()} "
-                    "(start it with 'libvirtd -d' or 'make setup')"
+                raise HostUnreachableError(
+                    f"cannot reach libvirtd at {self.uri[:120]}: {err.get_error_message()} "
+                    "(start it with 'libvirtd -d' or 'bash scripts/run.sh setup')"
                 ) from None
         return self._conn
 
@@ -125,9 +126,18 @@ class Hypervisor:
             yield
         except libvirt.libvirtError as err:
             msg = err.get_error_message()
+            if self._lost(err):
+                self.close()
+                raise HostUnreachableError(f"{what}: libvirtd at {self.uri[:120]} stopped answering "
+                                           f"({msg})") from None
             if VIRTLOGD_SOCK in msg:
                 msg += " (virtlogd is not running: start it with 'virtlogd -d', or run 'bash scripts/run.sh setup')"
             raise HypervisorError(f"{what}: {msg}") from None
+
+    def _lost(self, err: libvirt.libvirtError) -> bool:
+        """True when a call failed because the connection died under it (libvirtd stopped)."""
+        return err.get_error_domain() == libvirt.VIR_FROM_RPC or (
+            self._conn is not None and not self._alive(self._conn))
 
     def _find(self, name: str) -> libvirt.virDomain | None:
         """The domain, or None if libvirt has none of that name. Any other failure (libvirtd gone)
@@ -433,3 +443,181 @@ class Hypervisor:
             log.unlink(missing_ok=True)
 
 
+
+    # -- storage pools and volumes (how files reach a host without a shared file system) ------------
+    def pool_ensure(self, name: str, path: str, gid: int | None) -> None:
+        """A running directory pool ``name`` at ``path`` on this host (made, built and started if
+        missing): libvirtd creates the folder there, 0750 root and QEMU's group ``gid``."""
+        with self._calling(f"storage pool {name}"):
+            try:
+                pool = self.conn.storagePoolLookupByName(name)
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                    raise
+                pool = self.conn.storagePoolDefineXML(pool_xml(name, path, gid), 0)
+                pool.build(0)
+            if not pool.isActive():
+                pool.create(0)
+
+    def pool_remove(self, name: str) -> None:
+        """Delete a pool's volumes, its folder and its definition; a missing pool is no error."""
+        with self._calling(f"storage pool {name}"):
+            try:
+                pool = self.conn.storagePoolLookupByName(name)
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+                    return
+                raise
+            if not pool.isActive():
+                pool.create(0)
+            pool.refresh(0)
+            for vol in pool.listAllVolumes(0):
+                vol.delete(0)
+            pool.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.delete(0)  # the folder; left behind only if something not ours is in it
+            pool.undefine()
+
+    def pool_path(self, name: str) -> str:
+        with self._calling(f"storage pool {name}"):
+            return str(self.conn.storagePoolLookupByName(name).XMLDesc(0)).split("<path>", 1)[1].split("</path>", 1)[0]
+
+    def _vol(self, pool: str, vol: str, refresh: bool = False) -> libvirt.virStorageVol | None:
+        p = self.conn.storagePoolLookupByName(pool)
+        if refresh:
+            p.refresh(0)
+        try:
+            return p.storageVolLookupByName(vol)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise
+
+    def vol_size(self, pool: str, vol: str) -> int | None:
+        """A volume's capacity in bytes, or None if the pool has no such volume."""
+        with self._calling(f"volume {vol} of pool {pool}"):
+            v = self._vol(pool, vol, refresh=True)
+            return None if v is None else int(v.info()[1])
+
+    def vol_capacity(self, pool: str, vol: str) -> int:
+        """A disk volume's virtual size (qcow2: what the guest sees)."""
+        with self._calling(f"volume {vol} of pool {pool}"):
+            v = self._vol(pool, vol, refresh=True)
+            if v is None:
+                raise NotFoundError(f"no volume {vol!r} in pool {pool!r} on {self.uri[:120]}")
+            return int(v.info()[1])
+
+    def vol_allocation(self, pool: str, vol: str) -> int | None:
+        with self._calling(f"volume {vol} of pool {pool}"):
+            v = self._vol(pool, vol, refresh=True)
+            return None if v is None else int(v.info()[2])
+
+    def vol_create(self, pool: str, vol: str, capacity: int, fmt: str = "raw",
+                   backing: tuple[str, str] | None = None) -> str:
+        """Create a volume (qcow2 through qemu-img on that host, with ``backing`` (path, format) as
+        its backing file); returns its path on the host."""
+        with self._calling(f"creating volume {vol} in pool {pool}"):
+            p = self.conn.storagePoolLookupByName(pool)
+            return str(p.createXML(vol_xml(vol, capacity, fmt, backing), 0).path())
+
+    def vol_clone(self, pool: str, vol: str, src_pool: str, src_vol: str) -> str:
+        """Copy a volume within the host (libvirtd copies; nothing crosses the connection)."""
+        with self._calling(f"copying volume {src_vol} to {vol}"):
+            src = self._vol(src_pool, src_vol, refresh=True)
+            if src is None:
+                raise NotFoundError(f"no volume {src_vol!r} in pool {src_pool!r} on {self.uri[:120]}")
+            p = self.conn.storagePoolLookupByName(pool)
+            return str(p.createXMLFrom(vol_xml(vol, int(src.info()[1]), "raw"), src, 0).path())
+
+    def vol_delete(self, pool: str, vol: str) -> None:
+        with self._calling(f"deleting volume {vol} of pool {pool}"):
+            v = self._vol(pool, vol, refresh=True)
+            if v is not None:
+                v.delete(0)
+
+    def vol_upload(self, pool: str, vol: str, src: Path, offset: int = 0, create: bool = True,
+                   progress: Any = None) -> str:
+        """Send a local file's bytes into a volume over the connection (``virStorageVolUpload``).
+
+        ``create``: make the volume first (a new raw file of the source's length; an existing one is
+        replaced); otherwise the bytes overwrite the volume from ``offset`` on, the rest unchanged.
+        ``progress(bytes_sent)`` is called as chunks go out. Returns the volume's path on the host."""
+        size = src.stat().st_size
+        with self._calling(f"uploading {src.name} to pool {pool}"):
+            p = self.conn.storagePoolLookupByName(pool)
+            v = self._vol(pool, vol, refresh=True)
+            if create:
+                if v is not None:
+                    v.delete(0)
+                v = p.createXML(vol_xml(vol, size, "raw"), 0)
+            elif v is None:
+                raise NotFoundError(f"no volume {vol!r} in pool {pool!r} on {self.uri[:120]}")
+            st = self.conn.newStream(0)
+            v.upload(st, offset, size, 0)
+            sent = 0
+            try:
+                with open(src, "rb") as f:
+                    while chunk := f.read(STREAM_CHUNK):
+                        view = memoryview(chunk)
+                        while view:
+                            n = st.send(view.tobytes())
+                            if n < 0:
+                                raise HypervisorError(f"uploading {src.name} to pool {pool}: the stream refused data")
+                            view = view[n:]
+                            sent += n
+                        if progress is not None:
+                            progress(sent)
+                st.finish()
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    st.abort()
+                raise
+            return str(v.path())
+
+    def vol_download(self, pool: str, vol: str, sink: Any, limit: int = 0) -> int:
+        """Stream a volume's bytes (at most ``limit``, 0: all) to ``sink(chunk)`` over the connection;
+        returns the byte count. Used to verify an upload by hash on the host's own copy."""
+        with self._calling(f"reading volume {vol} of pool {pool}"):
+            v = self._vol(pool, vol, refresh=True)
+            if v is None:
+                raise NotFoundError(f"no volume {vol!r} in pool {pool!r} on {self.uri[:120]}")
+            st = self.conn.newStream(0)
+            v.download(st, 0, limit, 0)
+            got = 0
+            try:
+                while True:
+                    chunk = st.recv(STREAM_CHUNK)
+                    if chunk == -2:
+                        raise HypervisorError(f"reading volume {vol}: the stream would block")
+                    if not chunk:
+                        break
+                    sink(chunk)
+                    got += len(chunk)
+                st.finish()
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    st.abort()
+                raise
+            return got
+
+    def free_memory(self) -> int:
+        """Bytes of memory free on the host (placement's measure)."""
+        with self._calling("free memory"):
+            return int(self.conn.getFreeMemory())
+
+
+STREAM_CHUNK = 1 << 20
+
+
+def pool_xml(name: str, path: str, gid: int | None) -> str:
+    group = f"<group>{int(gid)}</group>" if gid is not None else ""
+    return (f"<pool type='dir'><name>{escape(name)}</name><target><path>{escape(path)}</path>"
+            f"<permissions><mode>0750</mode><owner>0</owner>{group}</permissions></target></pool>")
+
+
+def vol_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | None = None) -> str:
+    back = (f"<backingStore><path>{escape(backing[0])}</path><format type='{escape(backing[1])}'/></backingStore>"
+            if backing else "")
+    return (f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{capacity}</capacity>"
+            f"<target><format type='{escape(fmt)}'/><permissions><mode>0640</mode></permissions></target>"
+            f"{back}</volume>")

@@ -66,7 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .. import guests
+from .. import guests, hosts
 from ..cluster.store import Lease
 from ..context import Context
 from ..errors import ClusterError, OsimgError, SwapError, ValidationError
@@ -133,6 +133,9 @@ def swap_guest(ctx: Context, name: str, to_image: str, strategy: str = "warm",
     res = SwapResult(name, strategy, g.image, to_image, g.os_version)
     target = catalog.resolve(ctx, to_image)
     try:
+        if g.host is not None:
+            hosts.ship(ctx, g.host, to_image)  # the host gets the image (and its memory state) first
+        ctx = g.at(ctx)
         with ctx.store.lock(journal.lock_name(name), call_holder_id(), journal.LOCK_TTL) as lease:
             if journal.get(ctx, name) is not None:
                 journal.raise_unfinished(name)
@@ -254,11 +257,12 @@ def _records(ctx: Context, name: str, rec: dict[str, Any]) -> tuple[guests.Guest
 def _resume_one(ctx: Context, lease: Lease, rec: dict[str, Any], res: SwapResult, progress: Progress) -> None:
     name = res.guest
     old, new = _records(ctx, name, rec)
+    ctx = old.at(ctx)  # the guest's libvirt host (an unreachable one fails this guest's resume alone)
     res.old_version = old.os_version
     step = str(rec.get("step", ""))
     if step in (journal.PREPARING, journal.PREPARED) and ctx.hv.is_active(name):
         files = [f for f in map(str, rec.get("files", [])) if f and "/" not in f and f != old.overlay_file]
-        discard(ctx, lease, old.dir(ctx), files, name)
+        discard(ctx, lease, old.files(ctx), files, name)
         res.rolled_back = True
         res.error = f"interrupted at step {step}, before the guest was touched: removed {', '.join(files)}; " \
                     f"it still runs {old.image}"

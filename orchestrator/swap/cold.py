@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-from .. import guests
+from .. import guests, hosts
 from ..cluster.store import Lease
 from ..context import Context
 from ..errors import ClusterError, GuestError
 from ..failpoints import failpoint
-from ..host import qemu_img
 from ..images import catalog
 from ..process import Progress
 from . import journal
@@ -39,8 +38,9 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
     journal.begin(ctx, lease, g.name, strategy="cold", from_image=g.image, to_image=target.ref, old=asdict(old),
                   new=asdict(new), files=[new_overlay], holder=lease.fence.holder, started=time.time())
     failpoint("cold-preparing")
-    with preparing(ctx, lease, g.dir(ctx), [new_overlay], g.name, "cold"):
-        qemu_img.create_overlay(g.dir(ctx) / new_overlay, target.disk)
+    where = g.files(ctx)
+    with preparing(ctx, lease, where, [new_overlay], g.name, "cold"):
+        where.create_overlay(new_overlay, hosts.image_path(ctx, g.host, str(target.disk)))
         failpoint("cold-overlay-created")
         res.counter_before = guests.app_counter(g.app_port)
         mark(ctx, lease, g.name, journal.PREPARED)
@@ -60,7 +60,7 @@ def cold(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         failpoint("cold-stopped")
         step(res, "shutdown", t0)
         progress(f"{g.name}: boot {target.ref}")
-        g.console(ctx).unlink(missing_ok=True)
+        where.unlink(guests.CONSOLE)
         ctx.hv.define(persistent_xml(ctx, new))
         failpoint("cold-defined")
         ctx.hv.start(g.name)

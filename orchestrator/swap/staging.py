@@ -59,8 +59,9 @@ echo 'the stand-in data disk did not appear' >&2; exit 1
 
 
 def possible(g: guests.Guest) -> bool:
-    """Staging needs a guest on user-mode networking (its own slirp, see the module docstring)."""
-    return not g.network
+    """Staging needs a guest on user-mode networking (its own slirp, see the module docstring) and,
+    for now, on this host (the staged state is saved and rewritten here)."""
+    return not g.network and g.host is None
 
 
 def staging_spec(spec: DomainSpec, gdir: Path) -> DomainSpec:
@@ -85,7 +86,7 @@ def stage(ctx: Context, new: guests.Guest, target: catalog.BootImage, machine_id
     staging = staging_spec(spec, gdir)
     staged = gdir / STAGED_FILE
     ctx.hv.destroy(staging.name)  # a staging domain of an earlier, killed swap (its journal entry is gone)
-    page_in_file(ctx, target.state_file, staged, staging)
+    page_in_file(ctx, target.state_file, new.files(ctx), STAGED_FILE, staging)
     ctx.hv.restore(str(staged))
     failpoint("warm-staging")
     try:
@@ -109,7 +110,7 @@ def stage(ctx: Context, new: guests.Guest, target: catalog.BootImage, machine_id
         ctx.hv.save(staging.name, str(staged))
     finally:
         ctx.hv.destroy(staging.name)
-    page_in_file(ctx, staged, gdir / PAGEIN_FILE, spec)
+    page_in_file(ctx, staged, new.files(ctx), PAGEIN_FILE, spec)
     staged.unlink()
     (gdir / STAGING_LOG).unlink(missing_ok=True)
     (gdir / STAND_IN).unlink(missing_ok=True)

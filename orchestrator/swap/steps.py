@@ -15,14 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import guests
+from .. import guests, hosts
 from ..cluster.events import Event
 from ..cluster.store import Lease
 from ..context import Context
 from ..customize import DATA_MOUNT, Carry, live_script, sh_quote
 from ..errors import ClusterError, GuestError, OsimgError, SwapError
 from ..failpoints import failpoint
-from ..host.domain import DomainSpec, domain_xml, retarget_saved_state, rewrite_identity
+from ..host.domain import DomainSpec, domain_xml, rewrite_identity, saved_domain_xml
 from ..images import catalog
 from ..process import Progress
 from . import checkpoints, journal
@@ -190,10 +190,12 @@ class LastAnswer:
         return self.last
 
 
-def page_in_file(ctx: Context, src: Path, dst: Path, spec: DomainSpec) -> None:
-    """Write ``dst``: the save file ``src`` carrying the identity of ``spec`` (name, UUID, disks, log,
-    forwards; see ``host.domain.rewrite_identity``)."""
-    retarget_saved_state(src, dst, rewrite_identity(ctx.hv.saved_xml(str(src)), spec))
+def page_in_file(ctx: Context, src: Path, where: hosts.Files, dst: str, spec: DomainSpec) -> None:
+    """Write ``dst`` among ``where``'s files: the save file ``src`` carrying the identity of ``spec``
+    (name, UUID, disks, log, forwards; see ``host.domain.rewrite_identity``). ``src`` is local (a
+    golden state in the repository, or a staged state); on another host the copy is made there."""
+    xml = ctx.hv.saved_xml(str(src)) if isinstance(where, hosts.LocalFiles) else saved_domain_xml(src)
+    where.page_in(dst, src, rewrite_identity(xml, spec))
 
 
 def step(res: SwapResult, name: str, t0: float) -> None:
@@ -426,18 +428,19 @@ def staging_name(guest: str) -> str:
     return guest + STAGING_SUFFIX
 
 
-def discard(ctx: Context, lease: Lease, gdir: Path, files: list[str], name: str) -> None:
+def discard(ctx: Context, lease: Lease, where: hosts.Files, files: list[str], name: str) -> None:
     """Remove what a swap prepared before its downtime window (a staging domain and files), then its
     journal entry."""
     ctx.hv.destroy(staging_name(name))
     for f in files:
-        (gdir / f).unlink(missing_ok=True)
+        where.unlink(f)
     failpoint("discard-files-removed")
     journal.drop(ctx, lease, name)
 
 
 @contextlib.contextmanager
-def preparing(ctx: Context, lease: Lease, gdir: Path, files: list[str], name: str, strategy: str) -> Iterator[None]:
+def preparing(ctx: Context, lease: Lease, where: hosts.Files, files: list[str], name: str,
+              strategy: str) -> Iterator[None]:
     """The part of a swap before the guest is touched: whatever fails in it (a store failure aside,
     which leaves the journal to resume) removes the files it made and says the guest was not touched."""
     try:
@@ -445,7 +448,7 @@ def preparing(ctx: Context, lease: Lease, gdir: Path, files: list[str], name: st
     except ClusterError:
         raise
     except Exception as err:  # nothing was touched yet: clean up, whatever failed
-        discard(ctx, lease, gdir, files, name)
+        discard(ctx, lease, where, files, name)
         raise SwapError(f"{strategy} swap of {name} not started: {describe(err)}; the guest was not touched") from None
 
 
@@ -489,7 +492,7 @@ def commit(ctx: Context, lease: Lease, old: guests.Guest, new: guests.Guest) -> 
     ``committing`` is journaled before anything of the old OS goes; every operation after it is
     idempotent, so a resume rolls forward by running this again.
     """
-    gdir = new.dir(ctx)
+    where = new.files(ctx)
     journal.write(ctx, lease, new.name, step=journal.COMMITTING)
     failpoint("commit-committing")
     ctx.hv.define(persistent_xml(ctx, new))
@@ -499,10 +502,10 @@ def commit(ctx: Context, lease: Lease, old: guests.Guest, new: guests.Guest) -> 
     failpoint("commit-snapshot-dropped")
     new.save(ctx)
     failpoint("commit-record-saved")
-    (gdir / PAGEIN_FILE).unlink(missing_ok=True)
+    where.unlink(PAGEIN_FILE)
     failpoint("commit-pagein-removed")
     if old.overlay_file != new.overlay_file:
-        old.overlay(ctx).unlink(missing_ok=True)
+        where.unlink(old.overlay_file)
     failpoint("commit-old-overlay-removed")
     journal.drop(ctx, lease, new.name)
     publish(ctx, new.name, old.image, new.image)
@@ -526,7 +529,7 @@ def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | N
     Journaled as ``rolling-back`` (keeping the step it started from) before it acts. Refuses a swap
     that reached ``committing``: the old OS may already be gone, only rolling forward is safe.
     """
-    gdir = old.dir(ctx)
+    where = old.files(ctx)
     rec = journal.get(ctx, old.name) or {}
     step = str(rec.get("rollback_from") or rec.get("step", ""))
     if step == journal.COMMITTING:
@@ -552,7 +555,7 @@ def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | N
     else:
         # cold swap, or nothing to page back in: boot the old OS again
         ctx.hv.destroy(old.name)
-        old.console(ctx).unlink(missing_ok=True)
+        where.unlink(guests.CONSOLE)
         ctx.hv.define(persistent_xml(ctx, old))
         ctx.hv.start(old.name)
         failpoint("rollback-old-booted")
@@ -581,9 +584,9 @@ def rollback(ctx: Context, lease: Lease, old: guests.Guest, new_overlay: str | N
     old.save(ctx)
     failpoint("rollback-record-saved")
     if new_overlay and new_overlay != old.overlay_file:
-        (gdir / new_overlay).unlink(missing_ok=True)
+        where.unlink(new_overlay)
     failpoint("rollback-overlay-removed")
-    (gdir / PAGEIN_FILE).unlink(missing_ok=True)
+    where.unlink(PAGEIN_FILE)
     journal.drop(ctx, lease, old.name)
     return out
 

@@ -12,13 +12,12 @@ import uuid as uuidlib
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import guests
+from .. import guests, hosts
 from ..cluster.store import Lease
 from ..context import Context
 from ..customize import Carry, live_script
 from ..errors import ClusterError, GuestError, OsimgError, SwapError
 from ..failpoints import failpoint
-from ..host import qemu_img
 from ..images import catalog
 from ..process import Progress
 from . import checkpoints, journal, staging
@@ -73,9 +72,10 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
                   started=time.time())
     failpoint("warm-preparing")
     # everything that costs time happens before the application stops
-    with preparing(ctx, lease, gdir, files, g.name, "warm"):
+    where = g.files(ctx)
+    with preparing(ctx, lease, where, files, g.name, "warm"):
         progress(f"{g.name}: preparing page-in of {target.ref}")
-        qemu_img.create_overlay(gdir / new_overlay, target.disk)
+        where.create_overlay(new_overlay, hosts.image_path(ctx, g.host, str(target.disk)))
         failpoint("warm-overlay-created")
         # which process trees can be carried, and the fingerprint of the files they run
         token = checkpoint_token(new_overlay) or ""
@@ -104,9 +104,10 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
             staging.stage(ctx, new, target, machine_id,
                           read_ahead=[f for t in ready for f in checkpoints.paths(prints.get(t.name, []))])
         else:
-            page_in_file(ctx, target.state_file, gdir / PAGEIN_FILE, guests.domain_spec(ctx, new))
+            page_in_file(ctx, target.state_file, where, PAGEIN_FILE, guests.domain_spec(ctx, new))
         failpoint("warm-pagein-written")
-        cache(gdir / PAGEIN_FILE)
+        if isinstance(where, hosts.LocalFiles):
+            cache(gdir / PAGEIN_FILE)
         held(ctx, g, res)
         res.counter_before = guests.app_counter(g.app_port)
         mark(ctx, lease, g.name, journal.PREPARED)
@@ -147,7 +148,7 @@ def warm(ctx: Context, g: guests.Guest, target: catalog.BootImage, res: SwapResu
         ctx.hv.destroy(g.name)
         failpoint("warm-old-destroyed")
         step(res, "destroy", t0)
-        ctx.hv.restore(str(gdir / PAGEIN_FILE))
+        ctx.hv.restore(where.path(PAGEIN_FILE))
         mark(ctx, lease, g.name, "paged-in")
         failpoint("warm-paged-in")
         step(res, "page-in", t0)
