@@ -178,7 +178,7 @@ def test_netmask_without_ip_and_gateway_without_ip(tmp_path: Path) -> None:
     ("guests: [\n", "malformed YAML (line"),
     ("guests:\n  - name: a\n    ip: 10.0.2.21\n    ip: 10.0.2.22\n",
      "malformed YAML (line 4, column 5): duplicate key 'ip'"),
-    ("- just\n- a list\n", "expected a mapping with keys name, uri, networks, defaults, guests"),
+    ("- just\n- a list\n", "expected a mapping with keys name, uri, hosts, networks, defaults, guests"),
     ("name: x\n", "missing required key 'guests'"),
     ("guests:\n  - ip: 10.0.2.21\n", "guests[0]: missing required key 'name'"),
     ("networks: {a: {}, b: {}}\nguests:\n  - {name: x, image: 'tiny:v1'}\n",

@@ -20,6 +20,7 @@ def register(nouns: dict[str, Any]) -> None:
     sw.add_argument("--strategy", choices=swap.STRATEGIES, default="warm")
     sw.add_argument("--batch", type=int, default=1, help="guests swapped at once")
     sw.add_argument("--max-failures", type=int, default=1, help="stop the rollout after this many failures")
+    sw.add_argument("--per-host", type=int, metavar="K", help="at most K guests of one libvirt host at once")
     sw.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     sw.add_argument("--resume", action="store_true", help="finish or roll back swaps an interrupted run left")
 
@@ -29,7 +30,7 @@ def cmd_swap(ctx: Context, a: argparse.Namespace) -> int:
         return _resume(ctx, a)
     if not a.guests or not a.to:
         raise ValidationError("give GUEST... --to IMAGE (or --resume)")
-    p = swap.plan(ctx, a.guests, a.to, a.strategy, a.batch, a.max_failures)
+    p = swap.plan(ctx, a.guests, a.to, a.strategy, a.batch, a.max_failures, a.per_host)
     if a.dry_run:
         if a.json:
             emit_json(asdict(p))
@@ -40,7 +41,9 @@ def cmd_swap(ctx: Context, a: argparse.Namespace) -> int:
     with status(a, "swapping") as progress:
         results = swap.rollout(ctx, p, progress=progress)
     code = _report_swaps(results, a.json)
-    left = [r.guest for r in results if not r.ok and not r.rolled_back and not r.skipped]
+    # unfinished: journaled swaps, and guests a lost host left pending (the rollout is kept for --resume)
+    left = [r.guest for r in results
+            if not r.ok and not r.rolled_back and (not r.skipped or "--resume" in (r.error or ""))]
     if swap.interrupted() or left:
         why = f"interrupted by {swap.interrupted()}" if swap.interrupted() else f"unfinished: {', '.join(left)}"
         err.print(f"osimg: swap {why}; to finish or roll back what the journal still holds: osimg swap --resume",
@@ -52,7 +55,7 @@ def cmd_swap(ctx: Context, a: argparse.Namespace) -> int:
 def _resume(ctx: Context, a: argparse.Namespace) -> int:
     extra = [f"GUEST ({' '.join(a.guests)})" if a.guests else "", "--to" if a.to else "",
              "--strategy" if a.strategy != "warm" else "", "--batch" if a.batch != 1 else "",
-             "--max-failures" if a.max_failures != 1 else ""]
+             "--max-failures" if a.max_failures != 1 else "", "--per-host" if a.per_host is not None else ""]
     if any(extra):
         raise ValidationError(f"--resume acts on every journaled swap and takes no {', '.join(e for e in extra if e)}")
     if a.dry_run:

@@ -18,11 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .. import guests
+from .. import guests, hosts
 from ..context import Context
 from ..errors import ConflictError, GuestError, NotFoundError, OsimgError
-from ..host import qemu_img
-from ..host.console import wait_for_serial
 from ..images import catalog
 from ..process import Progress, holder_id, quiet
 from .spec import LIBVIRT, FleetSpec, GuestSpec, check_images
@@ -119,7 +117,12 @@ def plan_up(ctx: Context, spec: FleetSpec, prune: bool = False) -> FleetResult:
             diffs = drift(mine[gs.name], gs.config())
             if diffs:
                 problems.append(f"guest {gs.name} differs from the spec ({'; '.join(diffs)})")
-            state = ctx.hv.state(gs.name) if ctx.hv.exists(gs.name) else "undefined"
+            g = guests.load(ctx, gs.name)
+            if gs.host is not None and g.host != gs.host:
+                problems.append(f"guest {gs.name} runs on host {g.host or 'local'}, the spec says {gs.host} "
+                                "(osimg does not move guests: remove it and run up again)")
+            hv = g.at(ctx).hv
+            state = hv.state(gs.name) if hv.exists(gs.name) else "undefined"
             if state == "running":
                 actions.append(GuestAction(gs.name, "unchanged", "running"))
             elif state == "paused":
@@ -152,18 +155,24 @@ def up(ctx: Context, spec: FleetSpec, wait: bool = True, prune: bool = False, ti
     created that are no longer in the spec are removed; without, they are reported and kept.
     """
     with ctx.store.lock(f"fleet-{spec.name}", holder_id(), ttl=60, wait=LOCK_WAIT):
+        for hname, h in spec.hosts.items():
+            hosts.add(ctx, hname, h["uri"], root=h.get("root", hosts.DEFAULT_ROOT), accel=h.get("accel", "tcg"))
         res = plan_up(ctx, spec, prune)
         new = [spec.guest(a.name) for a in res.actions if a.action == "created"]
         for image in dict.fromkeys(gs.image for gs in new):
             progress(f"resolving image {image}")
             catalog.resolve(ctx, image)
+        placed = place(ctx, spec, new)
         for a in res.actions:
             if a.action == "created":
-                progress(f"creating {a.name} on an overlay of {spec.guest(a.name).image}")
-                _create(ctx, spec, spec.guest(a.name))
+                gs = replace(spec.guest(a.name), host=placed.get(a.name))
+                where = f" on host {gs.host}" if gs.host else ""
+                progress(f"creating {a.name} on an overlay of {gs.image}{where}")
+                a.detail += where
+                _create(ctx, spec, gs)
             elif a.action == "resumed":
                 progress(f"resuming {a.name}")
-                ctx.hv.resume(a.name)
+                guests.load(ctx, a.name).at(ctx).hv.resume(a.name)
             elif a.action == "started":
                 progress(f"starting {a.name}")
                 guests.start(ctx, guests.load(ctx, a.name))
@@ -173,6 +182,29 @@ def up(ctx: Context, spec: FleetSpec, wait: bool = True, prune: bool = False, ti
     if wait:
         _wait(ctx, spec, [a for a in res.actions if a.action in ("created", "started")], timeout, progress)
     return res
+
+
+def place(ctx: Context, spec: FleetSpec, new: list[GuestSpec]) -> dict[str, str | None]:
+    """The host of each new guest: the one its spec names, or, when the spec has hosts, the host with
+    the fewest guests (all of this home's, counting the ones placed so far), then the most free
+    memory, then the first by name. Without hosts in the spec, guests stay on this host (None)."""
+    out: dict[str, str | None] = {gs.name: gs.host for gs in new}
+    if not spec.hosts:
+        return out
+    count = dict.fromkeys(sorted(spec.hosts), 0)
+    for g in guests.all_guests(ctx, hidden=True):
+        if g.host in count:
+            count[g.host] += 1
+    for gs in new:
+        if gs.host in count:
+            count[gs.host] += 1
+    free = {h: hosts.context(ctx, h).hv.free_memory() for h in count}
+    for gs in new:
+        if gs.host is None:
+            best = min(count, key=lambda h: (count[h], -free[h], h))
+            out[gs.name] = best
+            count[best] += 1
+    return out
 
 
 def _create(ctx: Context, spec: FleetSpec, gs: GuestSpec) -> None:
@@ -185,6 +217,7 @@ def _create(ctx: Context, spec: FleetSpec, gs: GuestSpec) -> None:
             ctx, gs.name, gs.image, custom=gs.custom, memory_mib=gs.memory_mib, vcpus=gs.vcpus,
             data_size=gs.data.size if gs.data else 0,
             network=net.libvirt_network if net.mode == LIBVIRT else None, start=False, config_drive=False,
+            host=gs.host,
         )
     except BaseException:
         _record(ctx, spec, gs.name, None)
@@ -215,7 +248,7 @@ def _wait(ctx: Context, spec: FleetSpec, actions: list[GuestAction], timeout: fl
     def ready(a: GuestAction) -> float:
         g = guests.load(ctx, a.name)
         if g.network:
-            return wait_for_serial(g.console(ctx), g.ready_marker, timeout, lambda: ctx.hv.is_active(g.name))
+            return guests.wait_serial(ctx, g, timeout)
         return guests.wait_ready(ctx, g, timeout=timeout)
 
     _ = ctx.hv.conn  # connect once, before the threads share the connection
@@ -284,9 +317,9 @@ def status(ctx: Context, spec: FleetSpec) -> list[dict[str, Any]]:
         except NotFoundError:
             rows.append(row)
             continue
-        data = g.data_volume(ctx)
+        files = g.files(ctx)
         row.update(state=guests.status(ctx, g), image=g.image, base=g.base, ssh_port=g.ssh_port,
-                   address=g.custom().address, overlay_bytes=qemu_img.allocated_bytes(g.overlay(ctx)),
-                   data_bytes=qemu_img.allocated_bytes(data) if data is not None and data.exists() else None)
+                   address=g.custom().address, overlay_bytes=files.allocated(g.overlay_file), host=g.host,
+                   data_bytes=files.allocated(guests.DATA_VOLUME) if g.data_uuid else None)
         rows.append(row)
     return rows

@@ -37,10 +37,11 @@ DEFAULT_NETWORK = "user"
 DEFAULT_SUBNET = "10.0.2.0/24"
 URI_RE = re.compile(r"^[a-z][a-z0-9+]*://[^\s]*$")
 
-TOP_KEYS = ("name", "uri", "networks", "defaults", "guests")
+TOP_KEYS = ("name", "uri", "hosts", "networks", "defaults", "guests")
+HOST_KEYS = ("uri", "root", "accel")
 NETWORK_KEYS = ("mode", "subnet", "gateway", "network")
 SHARED_KEYS = ("image", "memory", "vcpus", "network", "netmask", "gateway", "data", "users", "groups", "mounts",
-               "init_scripts", "kernel_modules", "kernel_params", "quiesce", "carry")
+               "init_scripts", "kernel_modules", "kernel_params", "quiesce", "carry", "host")
 GUEST_KEYS = ("name", "hostname", "ip", *SHARED_KEYS)
 USER_KEYS = ("name", "uid", "groups", "shell", "ssh_authorized_keys")
 MOUNT_KEYS = ("device", "path", "fstype", "options")
@@ -74,6 +75,7 @@ class GuestSpec:
     vcpus: int = 1
     data: DataSpec | None = None
     custom: Customization = field(default_factory=Customization)
+    host: str | None = None  # None: placed by osimg when the spec has hosts (fleet.reconcile.place)
 
     def config(self) -> dict[str, Any]:
         """What the guest was made from, as recorded in the fleet record to detect drift."""
@@ -91,6 +93,7 @@ class FleetSpec:
     uri: str | None
     networks: dict[str, NetworkSpec]
     guests: list[GuestSpec]
+    hosts: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> uri, root, accel
 
     def guest(self, name: str) -> GuestSpec:
         for g in self.guests:
@@ -172,13 +175,48 @@ def load(path: str | Path, ctx: Context | None = None) -> FleetSpec:
         raise r.error("guests", f"expected a non-empty list of guests, got {_kind(raw_guests)}")
     if len(raw_guests) > MAX_GUESTS:
         raise r.error("guests", f"{len(raw_guests)} guests; a fleet spec holds at most {MAX_GUESTS}")
+    hosts = _hosts(r, top.get("hosts"))
     guests = [_guest(r, f"guests[{i}]", g, defaults, networks) for i, g in enumerate(raw_guests)]
+    for i, gs in enumerate(guests):
+        if gs.host is not None and hosts and gs.host not in hosts:
+            raise r.error(f"guests[{i}].host", f"unknown host {short(gs.host)}; the spec defines "
+                                               f"{', '.join(sorted(hosts))}")
     _check_unique(r, guests)
     _default_addresses(networks, guests)
-    spec = FleetSpec(p, name, uri, networks, guests)
+    spec = FleetSpec(p, name, uri, networks, guests, hosts)
     if ctx is not None:
         check_images(ctx, spec)
     return spec
+
+
+def _hosts(r: _Reader, raw: Any) -> dict[str, dict[str, str]]:
+    """``hosts: {NAME: {uri, root, accel}}``: the libvirt hosts the fleet's guests are spread over."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise r.error("hosts", f"expected a mapping of host names to {{uri: ...}}, got {_kind(raw)}")
+    if len(raw) > 64:
+        raise r.error("hosts", f"{len(raw)} hosts; a fleet spec names at most 64")
+    out = {}
+    for name, value in raw.items():
+        key = f"hosts.{name}"
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise r.error(key, "expected a host name of letters, digits, '.', '_' and '-'")
+        h = r.mapping(value, key, HOST_KEYS, required=("uri",))
+        uri = h["uri"]
+        if not isinstance(uri, str) or not URI_RE.match(uri) or len(uri) > 400:
+            raise r.error(f"{key}.uri", f"expected a libvirt URI such as qemu+ssh://root@HOST/system, got {short(uri)}")
+        entry = {"uri": uri}
+        if h.get("root") is not None:
+            entry["root"] = r.string(h["root"], f"{key}.root", "an absolute folder path on that host")
+            if not entry["root"].startswith("/"):
+                raise r.error(f"{key}.root", f"expected an absolute folder path, got {short(entry['root'])}")
+        if h.get("accel") is not None:
+            if h["accel"] not in ("tcg", "kvm"):
+                raise r.error(f"{key}.accel", f"expected tcg or kvm, got {short(h['accel'])}")
+            entry["accel"] = h["accel"]
+        out[name] = entry
+    return out
 
 
 def _networks(r: _Reader, raw: Any) -> dict[str, NetworkSpec]:
@@ -294,8 +332,11 @@ def _guest(r: _Reader, key: str, raw: Any, defaults: dict[str, Any],
         custom.validate(f"{r.path}: {key}")
     except ValidationError as err:
         raise ValidationError(str(err)) from None
+    host = g.get("host")
+    if host is not None and (not isinstance(host, str) or not NAME_RE.match(host)):
+        raise r.error(f"{key}.host", f"expected a host name, got {short(host)}")
     return GuestSpec(name=name, image=image, network=net_name, memory_mib=memory, vcpus=vcpus, data=data,
-                     custom=custom)
+                     custom=custom, host=host)
 
 
 def _guest_address(r: _Reader, key: str, g: dict[str, Any], net: NetworkSpec) -> str:

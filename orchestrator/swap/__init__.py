@@ -62,6 +62,9 @@ tests/test_crash.py kills the orchestrator at each.
 
 from __future__ import annotations
 
+import contextlib
+import time
+import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -69,11 +72,11 @@ from typing import Any
 from .. import guests, hosts
 from ..cluster.store import Lease
 from ..context import Context
-from ..errors import ClusterError, OsimgError, SwapError, ValidationError
+from ..errors import ClusterError, HostUnreachableError, OsimgError, SwapError, ValidationError
 from ..images import catalog
 from ..process import Progress, call_holder_id, dead_local_holder, quiet
+from ..validate import NAME_RE, short
 from ..validate import name as valid_name
-from ..validate import short
 from . import journal
 from .cold import cold
 from .plan import STRATEGIES, Plan, plan
@@ -89,22 +92,42 @@ def interrupted() -> str | None:
     return SIGNALS.received
 
 
-def rollout(ctx: Context, p: Plan, progress: Progress = quiet) -> list[SwapResult]:
+ROLLOUT_KIND = "rollout"  # a rollout in the cluster store: kept while a lost host leaves guests pending
+
+
+def rollout(ctx: Context, p: Plan, progress: Progress = quiet, record: str | None = None) -> list[SwapResult]:
     """Swap guests batch by batch (a batch in parallel); stop once ``max_failures`` guests failed.
 
     SIGINT/SIGTERM stop the swaps in flight at their next step (they roll back) and start no more.
+    A host whose libvirtd stops answering loses its place: its swap in flight fails (its journal
+    stays when it could not roll back), its other guests are not attempted, the other hosts go on.
+    The rollout is recorded in the cluster store (``record``: the one to continue) and kept with the
+    guests a lost host left pending, so ``osimg swap --resume`` finishes it once the host is back.
     """
+    rid = record or f"{int(time.time())}-{uuidlib.uuid4().hex[:8]}"
     results: list[SwapResult] = []
     failures = 0
+    lost: dict[str, str] = {}  # host -> why it is taken for lost
+    pending: list[str] = []  # left for --resume: guests of lost hosts
+    todo = list(p.guests)
+    _record_rollout(ctx, rid, p, todo)
     with SIGNALS.deferred():
         for bi, group in enumerate(p.batches, 1):
             why = (f"not attempted: {failures} failure(s) reached the limit" if failures >= p.max_failures
                    else f"not attempted: interrupted by {SIGNALS.received}" if SIGNALS.received else None)
-            if why is not None:
-                for g in group:
+            for g in list(group):
+                h = p.hosts.get(g, "local")
+                if why is not None or h in lost:
                     rec = guests.load(ctx, g)
+                    because = why or (f"not attempted: host {h} does not answer ({short(lost[h], 160)}); "
+                                      f"'osimg swap --resume' swaps it once the host is back")
                     results.append(SwapResult(g, p.strategy, rec.image, p.to_image, rec.os_version, skipped=True,
-                                              error=why))
+                                              error=because))
+                    if why is None:
+                        pending.append(g)
+                    group = [x for x in group if x != g]
+                    todo.remove(g)
+            if not group:
                 continue
             progress(f"batch {bi}/{len(p.batches)}: {', '.join(group)}")
             if len(group) == 1:
@@ -114,7 +137,55 @@ def rollout(ctx: Context, p: Plan, progress: Progress = quiet) -> list[SwapResul
                     batch_results = list(pool.map(lambda g: _swap_in_own_context(ctx, g, p, progress), group))
             results += batch_results
             failures += sum(1 for r in batch_results if not r.ok)
+            for r in batch_results:
+                todo.remove(r.guest)
+                h = p.hosts.get(r.guest, "local")
+                if r.ok or h == "local":
+                    continue
+                if h not in lost:
+                    down = host_down(ctx, h)
+                    if down is not None:
+                        lost[h] = down
+                        progress(f"host {h} does not answer: its guests not yet swapped are skipped")
+                if h in lost:
+                    pending.append(r.guest)
+            _record_rollout(ctx, rid, p, todo + pending)
+    if pending and not SIGNALS.received:
+        _record_rollout(ctx, rid, p, pending)
+    else:
+        with contextlib.suppress(OsimgError):
+            ctx.store.delete(ROLLOUT_KIND, rid)
     return results
+
+
+def host_down(ctx: Context, host: str) -> str | None:
+    """Why ``host``'s libvirtd is taken for lost (it does not answer), or None when it answers."""
+    try:
+        hosts.context(ctx, host).hv.versions()
+    except HostUnreachableError as err:
+        return str(err)
+    except OsimgError:
+        return None
+    return None
+
+
+def _record_rollout(ctx: Context, rid: str, p: Plan, pending: list[str]) -> None:
+    ctx.store.put(ROLLOUT_KIND, rid, {"to_image": p.to_image, "strategy": p.strategy, "batch": p.batch,
+                                      "max_failures": p.max_failures, "per_host": p.per_host,
+                                      "health_timeout": p.health_timeout, "pending": pending,
+                                      "updated": time.time()})
+
+
+def pending_rollouts(ctx: Context) -> list[tuple[str, dict[str, Any]]]:
+    """Rollouts a lost host left unfinished, each with the guests still to swap (checked: data)."""
+    out = []
+    for rid, rec in ctx.store.items(ROLLOUT_KIND):
+        if not isinstance(rec, dict) or not isinstance(rec.get("pending"), list):
+            continue
+        names = [g for g in rec["pending"] if isinstance(g, str) and NAME_RE.match(g)
+                 and (ctx.settings.guests_dir / g / "guest.json").exists()]
+        out.append((rid, {**rec, "pending": names}))
+    return out
 
 
 def _swap_in_own_context(ctx: Context, guest: str, p: Plan, progress: Progress) -> SwapResult:
@@ -189,8 +260,13 @@ def _action(ctx: Context, rec: dict[str, Any]) -> str:
 
 def resume_plan(ctx: Context) -> list[ResumeAction]:
     """What ``resume`` would do, changing nothing (``osimg swap --resume --dry-run``)."""
-    return [ResumeAction(str(rec.get("guest", "?")), str(rec.get("strategy", "?")), str(rec.get("step", "")),
-                         _action(ctx, rec)) for rec in journal.entries(ctx)]
+    out = [ResumeAction(str(rec.get("guest", "?")), str(rec.get("strategy", "?")), str(rec.get("step", "")),
+                        _action(ctx, rec)) for rec in journal.entries(ctx)]
+    for rid, rec in pending_rollouts(ctx):
+        out += [ResumeAction(g, str(rec.get("strategy", "?"))[:10], "pending",
+                             f"swap to {short(rec.get('to_image'), 40)} (rollout {rid}: its host was lost)")
+                for g in rec["pending"]]
+    return out
 
 
 def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
@@ -237,6 +313,28 @@ def resume(ctx: Context, progress: Progress = quiet) -> list[SwapResult]:
         except Exception as err:  # a failed resume is reported, the journal stays for the next
             res.error = f"resume failed: {describe(err)}; the journal is kept: {RESUME_HINT}"
         out.append(res)
+    return out + _continue_rollouts(ctx, progress)
+
+
+def _continue_rollouts(ctx: Context, progress: Progress) -> list[SwapResult]:
+    """Swap the guests a lost host left pending (those now on the target need nothing)."""
+    out: list[SwapResult] = []
+    for rid, rec in pending_rollouts(ctx):
+        to = str(rec.get("to_image", ""))
+        names = [g for g in rec["pending"] if guests.load(ctx, g).image != to and journal.get(ctx, g) is None]
+        if not names:
+            ctx.store.delete(ROLLOUT_KIND, rid)
+            continue
+        progress(f"rollout {rid}: swapping {', '.join(names)}, left pending by a lost host")
+        try:
+            per = rec.get("per_host")
+            p = plan(ctx, names, to, str(rec.get("strategy", "warm")), int(rec.get("batch", 1)),
+                     int(rec.get("max_failures", 1)), per if isinstance(per, int) else None)
+        except OsimgError as err:
+            out.append(SwapResult(names[0], str(rec.get("strategy", "?"))[:10], "?", to[:63], "?",
+                                  error=f"rollout {rid} cannot go on: {err}"))
+            continue
+        out += rollout(ctx, p, progress, record=rid)
     return out
 
 
