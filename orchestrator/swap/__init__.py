@@ -101,8 +101,9 @@ def rollout(ctx: Context, p: Plan, progress: Progress = quiet, record: str | Non
     SIGINT/SIGTERM stop the swaps in flight at their next step (they roll back) and start no more.
     A host whose libvirtd stops answering loses its place: its swap in flight fails (its journal
     stays when it could not roll back), its other guests are not attempted, the other hosts go on.
-    The rollout is recorded in the cluster store (``record``: the one to continue) and kept with the
-    guests a lost host left pending, so ``osimg swap --resume`` finishes it once the host is back.
+    Once a host is lost the rollout is recorded in the cluster store (``record``: the one to
+    continue) with the guests it leaves pending, so ``osimg swap --resume`` finishes it once the host
+    is back (a rollout that loses no host leaves no record: a killed one is the journal's business).
     """
     rid = record or f"{int(time.time())}-{uuidlib.uuid4().hex[:8]}"
     results: list[SwapResult] = []
@@ -110,7 +111,6 @@ def rollout(ctx: Context, p: Plan, progress: Progress = quiet, record: str | Non
     lost: dict[str, str] = {}  # host -> why it is taken for lost
     pending: list[str] = []  # left for --resume: guests of lost hosts
     todo = list(p.guests)
-    _record_rollout(ctx, rid, p, todo)
     with SIGNALS.deferred():
         for bi, group in enumerate(p.batches, 1):
             why = (f"not attempted: {failures} failure(s) reached the limit" if failures >= p.max_failures
@@ -149,10 +149,11 @@ def rollout(ctx: Context, p: Plan, progress: Progress = quiet, record: str | Non
                         progress(f"host {h} does not answer: its guests not yet swapped are skipped")
                 if h in lost:
                     pending.append(r.guest)
-            _record_rollout(ctx, rid, p, todo + pending)
+            if lost:
+                _record_rollout(ctx, rid, p, todo + pending)
     if pending and not SIGNALS.received:
         _record_rollout(ctx, rid, p, pending)
-    else:
+    elif lost or record is not None:
         with contextlib.suppress(OsimgError):
             ctx.store.delete(ROLLOUT_KIND, rid)
     return results
