@@ -29,7 +29,7 @@ def register(nouns: dict[str, Any]) -> None:
     ha = add(nouns["host"], "add", cmd_host_add, "register a libvirt host in the cluster store (checks that it "
              "answers); guests and images reach it through libvirt only")
     ha.add_argument("name")
-    ha.add_argument("uri", help="its libvirt URI, e.g. qemu+ssh://root@b.example/system")
+    ha.add_argument("host_uri", metavar="URI", help="its libvirt URI, e.g. qemu+ssh://root@b.example/system")
     ha.add_argument("--root", default=hosts.DEFAULT_ROOT, help="folder on that host for osimg's storage pools "
                     f"(default {hosts.DEFAULT_ROOT})")
     ha.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
@@ -60,7 +60,7 @@ def cmd_doctor(ctx: Context, a: argparse.Namespace) -> int:
 
 
 def cmd_host_add(ctx: Context, a: argparse.Namespace) -> int:
-    h = hosts.add(ctx, a.name, a.uri, root=a.root, accel=a.accel)
+    h = hosts.add(ctx, a.name, a.host_uri, root=a.root, accel=a.accel)
     if a.json:
         emit_json(asdict(h))
     else:
