@@ -11,14 +11,18 @@ answered last; a member that refuses, breaks the connection, says it has no lead
 answer within its share of the call's timeout is skipped for the next one, until the timeout. A
 member without a quorum never answers in time (etcd holds the request for 7 s), so losing a
 majority ends each call with one ClusterError after ``timeout`` seconds. A write whose member died
-while answering may have been applied and is sent again to the next member: the writes here are
-safe to repeat (a put writes the same value; a compare-guarded transaction then fails its compare,
-and ``update`` re-reads; an ID counter skips an ID), but ``compare_and_put`` may then report False
-for its own write.
+while answering may have been applied and is sent again to the next member. A compare-guarded
+record write (``update``, ``compare_and_put``) carries a nonce written in the same transaction, so
+its repeat tells "my first attempt landed" from "someone else wrote": ``update``'s function does
+not run twice for one write (unless another writer changed the record between the two attempts:
+then the nonce is gone and the first attempt counts as lost). Other writes are harmless to repeat:
+a put writes the same value, an ID counter skips an ID, a lock or registration transaction re-reads
+and converges.
 
 Keys under the prefix (``/osimg`` by default)::
 
     records/KIND/NAME             JSON record; revision = mod_revision
+    writes/KIND/NAME              nonce of the last compare-guarded write of that record (same transaction)
     locks/NAME                    {"holder": ...}, on its own lease of the lock's ttl
     node-seq, node-names/NAME     node ID counter (its version), name -> ID (stable across re-registrations)
     nodes/ID                      node record {id, name, address, ttl, state, lease}
@@ -60,7 +64,10 @@ from .events import Event, EventFilter, Subscription
 from .store import ALIVE, EXCLUSIVE, LEFT, LOST, Adapter, ClusterStore, Fence, Node, Record, Reservation
 
 WATCH_RECONNECT_DELAY = 0.2
-# Each member gets its share of a call's timeout, but at least this long: a loaded host's fsync.
+# An attempt on one member waits for half its share of the call's timeout (each member can be
+# asked twice), but at least this long (a loaded host's fsync). A request that reached a member
+# while its cluster elects a leader hangs until etcd's own 7 s timeout even once a leader is
+# elected: only a new attempt sees the end of an election (1-2 s with etcd's defaults).
 MEMBER_MIN_WAIT = 1.0
 # Between two rounds over every member (during a leader election a round may find none ready).
 ROUND_PAUSE = 0.1
@@ -204,13 +211,18 @@ class EtcdStore(ClusterStore):
         self._preferred = index
 
     def _call(self, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Post to one member after another until one answers, within the store timeout.
+        return self._post(endpoint, payload)[0]
+
+    def _post(self, endpoint: str, payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Post to one member after another until one answers, within the store timeout; returns
+        the answer and whether an earlier attempt may have reached etcd (and been applied).
 
         An etcd refusal (a failed precondition, an unknown lease...) is an answer: ClusterError at
         once. Only "could not ask" (refused, reset, no answer in time, TLS) and etcd's transient
         errors (no leader, request timed out) move on to the next member.
         """
         deadline = time.monotonic() + self._timeout
+        maybe_sent = False
         problems: dict[int, str] = {}
         broken: set[int] = set()  # TLS refused: the same again in the next round
         while True:
@@ -218,24 +230,30 @@ class EtcdStore(ClusterStore):
                 remaining = deadline - time.monotonic()
                 if index in broken or remaining <= 0:
                     continue
-                wait = min(remaining, max(self._timeout / len(self.members), MEMBER_MIN_WAIT))
+                wait = min(remaining, max(self._timeout / len(self.members) / 2, MEMBER_MIN_WAIT))
                 try:
                     response = self._session.post(self.member_url(index, endpoint), json=payload, timeout=wait)
                 except requests.exceptions.SSLError as err:
                     problems[index] = f"TLS: {validate.short(str(err), 160)}"
                     broken.add(index)
                     continue
+                except requests.exceptions.ConnectTimeout:
+                    problems[index] = f"no connection within {wait:.1f} s"
+                    continue
                 except requests.exceptions.Timeout:
                     problems[index] = f"no answer within {wait:.1f} s"
+                    maybe_sent = True
                     continue
                 except requests.RequestException as err:
                     problems[index] = connection_problem(err)
+                    maybe_sent = maybe_sent or problems[index] != "connection refused"
                     continue
                 answer, problem = self._answer(endpoint, response)
                 if answer is not None:
                     self.answered(index)
-                    return answer
+                    return answer, maybe_sent
                 problems[index] = problem
+                maybe_sent = True
             if len(broken) == len(self.members) or time.monotonic() + ROUND_PAUSE >= deadline:
                 break
             time.sleep(ROUND_PAUSE)
@@ -332,26 +350,32 @@ class EtcdStore(ClusterStore):
         self._call("kv/put", _put(self._key("records", kind, name), text)["request_put"])
 
     def _delete(self, kind: str, name: str) -> bool:
-        answer = self._call("kv/deleterange", _delete(self._key("records", kind, name))["request_delete_range"])
-        return int(answer.get("deleted", 0)) > 0
+        answer = self._call("kv/txn", {"success": [_delete(self._key("records", kind, name)),
+                                                   _delete(self._key("writes", kind, name))]})
+        return int(answer["responses"][0]["response_delete_range"].get("deleted", 0)) > 0
 
     def _swap(self, kind: str, name: str, text: str | None, revision: int, fence: Fence | None = None) -> bool:
-        key = self._key("records", kind, name)
-        write = _delete(key) if text is None else _put(key, text)
-        if fence is None:
-            return self._txn([_compare(key, "MOD", "EQUAL", revision)], [write])[0]
-        # one transaction: the record's revision and the lock key as we took it (same modification
-        # revision, so neither expired nor re-taken); the failure branch reads the lock to tell which
-        lock = self._key("locks", fence.lock)
-        ok, seen = self._txn(
-            [_compare(key, "MOD", "EQUAL", revision), _compare(lock, "MOD", "EQUAL", fence.token)],
-            [write],
-            [_range(lock)],
-        )
-        if not ok and (not seen[0] or seen[0][0].mod != fence.token):
-            who = seen[0][0].json().get("holder", "?") if seen[0] else "nobody"
+        key, nonce_key = self._key("records", kind, name), self._key("writes", kind, name)
+        nonce = uuid.uuid4().hex
+        write = [_delete(key), _delete(nonce_key)] if text is None else [_put(key, text), _put(nonce_key, nonce)]
+        compare = [_compare(key, "MOD", "EQUAL", revision)]
+        # With a fence, the same transaction also requires the lock key as we took it (same
+        # modification revision, so neither expired nor re-taken).
+        lock = self._key("locks", fence.lock) if fence else None
+        if lock is not None and fence is not None:
+            compare.append(_compare(lock, "MOD", "EQUAL", fence.token))
+        # the failure branch reads the nonce (did an attempt cut off by a dying member land?) and the lock
+        failure = [_range(nonce_key)] + ([_range(lock)] if lock is not None else [])
+        answer, maybe_sent = self._post("kv/txn", {"compare": compare, "success": write, "failure": failure})
+        if answer.get("succeeded"):
+            return True
+        seen = [[KV.parse(kv) for kv in r["response_range"].get("kvs", [])] for r in answer.get("responses", [])]
+        if maybe_sent and text is not None and seen[0] and seen[0][0].value == nonce:
+            return True
+        if fence is not None and (not seen[1] or seen[1][0].mod != fence.token):
+            who = seen[1][0].json().get("holder", "?") if seen[1] else "nobody"
             raise LeaseLostError(f"lock {fence.lock} is no longer held by {fence.holder} (now: {who})")
-        return ok
+        return False
 
     def _lock_holder(self, name: str) -> str | None:
         kvs, _ = self._get_range(self._key("locks", name))
