@@ -1,4 +1,5 @@
-"""Fixtures for test_cluster.py: one real etcd per session, a fresh store per test on each backend.
+"""Fixtures for the cluster store's tests: one real etcd per session, a 3-member etcd cluster whose
+members a test can kill and restart, a fresh store per test on each backend.
 
 Kept out of conftest.py (which belongs to the whole test suite) and imported by test_cluster.py.
 """
@@ -10,9 +11,11 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from orchestrator.cluster import ClusterStore, open_store
 
@@ -32,19 +35,38 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-@pytest.fixture(scope="session")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real etcd on 127.0.0.1 for the session, with TLS and client certificates (as osimg's set-up
-    makes it), stopped by its PID at the end, even after failures. ``OSIMG_ETCD_PKI`` points every
-    ``etcds://`` client of the session, subprocesses too, at its certificates."""
+def install_etcd() -> None:
+    """etcd's binaries from Debian's packages (once per machine); skip if they cannot be had."""
     installed = subprocess.run([ETCD_SH, "install"], capture_output=True, text=True, timeout=600)
     if installed.returncode != 0:
         pytest.skip(f"etcd could not be installed from Debian packages: {installed.stderr.strip()}")
-    port, peer_port = free_ports(2)
+
+
+@pytest.fixture(scope="session")
+def etcd_pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One CA, server and client certificate for every etcd of the session. ``OSIMG_ETCD_PKI``
+    points every ``etcds://`` client of the session, subprocesses too, at them."""
+    install_etcd()
     pki = tmp_path_factory.mktemp("etcd-pki") / "pki"
     subprocess.run([ETCD_SH, "pki", str(pki)], check=True, capture_output=True, timeout=60)
+    before = os.environ.get("OSIMG_ETCD_PKI")
+    os.environ["OSIMG_ETCD_PKI"] = str(pki)
+    try:
+        yield pki
+    finally:
+        if before is None:
+            os.environ.pop("OSIMG_ETCD_PKI", None)
+        else:
+            os.environ["OSIMG_ETCD_PKI"] = before
+
+
+@pytest.fixture(scope="session")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory, etcd_pki: Path) -> Iterator[str]:
+    """A real etcd on 127.0.0.1 for the session, with TLS and client certificates (as osimg's set-up
+    makes it), stopped by its PID at the end, even after failures."""
+    port, peer_port = free_ports(2)
     started = subprocess.run(
-        [ETCD_SH, "start", str(port), str(tmp_path_factory.mktemp("etcd")), str(peer_port), str(pki)],
+        [ETCD_SH, "start", str(port), str(tmp_path_factory.mktemp("etcd")), str(peer_port), str(etcd_pki)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -52,16 +74,121 @@ def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if started.returncode != 0:
         pytest.fail(f"etcd did not start: {started.stderr.strip()}")
     pid = started.stdout.strip()
-    before = os.environ.get("OSIMG_ETCD_PKI")
-    os.environ["OSIMG_ETCD_PKI"] = str(pki)
     try:
         yield f"etcds://127.0.0.1:{port}"
     finally:
-        if before is None:
-            os.environ.pop("OSIMG_ETCD_PKI", None)
-        else:
-            os.environ["OSIMG_ETCD_PKI"] = before
         subprocess.run([ETCD_SH, "stop", pid], check=True, timeout=30)
+
+
+def alive(pid: int) -> bool:
+    """The process runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class EtcdCluster:
+    """A real 3-member etcd cluster on loopback (TLS for clients and peers, certificates in
+    ``OSIMG_ETCD_PKI``), started by ``scripts/etcd.sh cluster-start``. Members are numbered 1..3;
+    each has a PID file, so a test can kill one (SIGKILL, no goodbye) and start it again."""
+
+    dir: Path
+    ports: list[int]
+    pki: Path
+
+    @property
+    def url(self) -> str:
+        """``etcds://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3``: every member, no key prefix."""
+        return "etcds://" + ",".join(self.address(i) for i in self.numbers)
+
+    def store_url(self, prefix: str) -> str:
+        """The cluster's URL with its own key prefix (one per test keeps tests apart)."""
+        return f"{self.url}/{prefix}"
+
+    @property
+    def numbers(self) -> list[int]:
+        return list(range(1, len(self.ports) + 1))
+
+    def address(self, member: int) -> str:
+        return f"127.0.0.1:{self.ports[member - 1]}"
+
+    def member(self, address: str) -> int:
+        """The number of the member serving clients at ``HOST:PORT``."""
+        return self.numbers[[self.address(i) for i in self.numbers].index(address)]
+
+    def pid(self, member: int) -> int | None:
+        try:
+            return int((self.dir / f"m{member}" / "etcd.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def running(self, member: int) -> bool:
+        pid = self.pid(member)
+        return pid is not None and alive(pid)
+
+    def kill(self, member: int) -> None:
+        """SIGKILL the member (by its PID file), as a crashed host would lose it."""
+        subprocess.run([ETCD_SH, "member-stop", str(self.dir), str(member), "KILL"], check=True, timeout=30)
+        assert not self.running(member)
+
+    def start(self, member: int) -> None:
+        """Start a stopped member again; returns once it serves (it rejoins from its data folder)."""
+        subprocess.run([ETCD_SH, "member-start", str(self.dir), str(member)], check=True, capture_output=True,
+                       timeout=60)
+
+    def revive(self) -> None:
+        """Start every member that is not running (after a test killed some)."""
+        for member in self.numbers:
+            if not self.running(member):
+                self.start(member)
+
+    def leader(self) -> int:
+        """The number of the member that leads the cluster now (asked of each running member)."""
+        ids: dict[str, int] = {}
+        leader = ""
+        with requests.Session() as s:
+            s.trust_env = False
+            s.verify = str(self.pki / "ca.crt")
+            s.cert = (str(self.pki / "client.crt"), str(self.pki / "client.key"))
+            for member in self.numbers:
+                if not self.running(member):
+                    continue
+                status = s.post(f"https://{self.address(member)}/v3/maintenance/status", json={}, timeout=5).json()
+                ids[status["header"]["member_id"]] = member
+                leader = status.get("leader", leader)
+        return ids[leader]
+
+    def stop(self) -> None:
+        subprocess.run([ETCD_SH, "cluster-stop", str(self.dir)], check=True, timeout=60)
+        still = [member for member in self.numbers if self.running(member)]
+        assert not still, f"etcd members {still} still run after cluster-stop"
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster_session(tmp_path_factory: pytest.TempPathFactory, etcd_pki: Path) -> Iterator[EtcdCluster]:
+    """The session's 3-member cluster; tests use ``etcd_cluster``, which revives killed members."""
+    ports = free_ports(6)
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-cluster"), ports[:3], etcd_pki)
+    started = subprocess.run([ETCD_SH, "cluster-start", str(cluster.dir), str(etcd_pki), *map(str, ports)],
+                             capture_output=True, text=True, timeout=120)
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"the etcd cluster did not start: {started.stderr.strip()}")
+        yield cluster
+    finally:
+        cluster.stop()  # by the PID files, also after a failed start or a failed test
+
+
+@pytest.fixture
+def etcd_cluster(etcd_cluster_session: EtcdCluster) -> Iterator[EtcdCluster]:
+    """A real 3-member etcd cluster, every member running when the test starts: ``.url`` names all
+    three, ``.kill(n)`` / ``.start(n)`` lose and bring back member n (1..3), ``.member(address)``
+    and ``.leader()`` tell which member to lose. Members a test killed are started again after it."""
+    etcd_cluster_session.revive()
+    yield etcd_cluster_session
+    etcd_cluster_session.revive()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,16 +1,28 @@
 """etcd v3 cluster store: several hosts share one cluster; etcd does consensus and replication.
 
-Client: ``etcd3gw`` (OpenStack's), which speaks to etcd's HTTP/JSON gateway (``/v3/``). It is
-maintained and pure Python on requests, and avoids the protobuf trouble of the gRPC clients (``etcd3``
-0.12 does not even import with today's protobuf, see the recipes report §6). The gateway offers
-all we need: transactions with compares (also over key ranges), leases and watches. We post to its
-endpoints through the client's ``post`` because the convenience methods drop the response header
-revision, which is our event sequence number and our reservation guard; every call then gets the
-same error translation.
+Client: etcd's HTTP/JSON gateway (``/v3/``), posted to with ``requests``. The gateway offers all we
+need: transactions with compares (also over key ranges), leases and watches. Python's etcd clients
+do not fit: the gRPC ones fight today's protobuf (``etcd3`` 0.12 does not even import, see the
+recipes report §6) and ``etcd3gw`` speaks to one member and drops the response header revision,
+which is our event sequence number and our reservation guard.
+
+Several members: a store URL may name every member of the cluster. A call goes to the member that
+answered last; a member that refuses, breaks the connection, says it has no leader or does not
+answer within its share of the call's timeout is skipped for the next one, until the timeout. A
+member without a quorum never answers in time (etcd holds the request for 7 s), so losing a
+majority ends each call with one ClusterError after ``timeout`` seconds. A write whose member died
+while answering may have been applied and is sent again to the next member. A compare-guarded
+record write (``update``, ``compare_and_put``) carries a nonce written in the same transaction, so
+its repeat tells "my first attempt landed" from "someone else wrote": ``update``'s function does
+not run twice for one write (unless another writer changed the record between the two attempts:
+then the nonce is gone and the first attempt counts as lost). Other writes are harmless to repeat:
+a put writes the same value, an ID counter skips an ID, a lock or registration transaction re-reads
+and converges.
 
 Keys under the prefix (``/osimg`` by default)::
 
     records/KIND/NAME             JSON record; revision = mod_revision
+    writes/KIND/NAME              nonce of the last compare-guarded write of that record (same transaction)
     locks/NAME                    {"holder": ...}, on its own lease of the lock's ttl
     node-seq, node-names/NAME     node ID counter (its version), name -> ID (stable across re-registrations)
     nodes/ID                      node record {id, name, address, ttl, state, lease}
@@ -39,19 +51,29 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
-from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import Etcd3Exception
 
+from .. import validate
 from ..errors import ClusterError, ConflictError, LeaseLostError, NotFoundError, ValidationError
 from .events import Event, EventFilter, Subscription
 from .store import ALIVE, EXCLUSIVE, LEFT, LOST, Adapter, ClusterStore, Fence, Node, Record, Reservation
 
 WATCH_RECONNECT_DELAY = 0.2
+# An attempt on one member waits for half its share of the call's timeout (each member can be
+# asked twice), but at least this long (a loaded host's fsync). A request that reached a member
+# while its cluster elects a leader hangs until etcd's own 7 s timeout even once a leader is
+# elected: only a new attempt sees the end of an election (1-2 s with etcd's defaults).
+MEMBER_MIN_WAIT = 1.0
+# Between two rounds over every member (during a leader election a round may find none ready).
+ROUND_PAUSE = 0.1
+# etcd's answers that say "not now" rather than "no": another member or a later round may succeed.
+TRANSIENT = ("no leader", "leader changed", "timed out", "deadline exceeded", "too many requests", "stopped")
+GIVE_UP_FIX = "start the etcd members (a majority must run) or point OSIMG_STORE at a live cluster"
 
 
 def tls_files(pki: Path) -> tuple[Path, Path, Path]:
@@ -61,6 +83,17 @@ def tls_files(pki: Path) -> tuple[Path, Path, Path]:
     if missing:
         raise ValidationError(f"etcd TLS: missing {', '.join(missing)} (make them with 'scripts/etcd.sh pki {pki}')")
     return files
+
+
+def connection_problem(err: requests.RequestException) -> str:
+    """What went wrong reaching a member, in a few words (requests' own text is a nested repr)."""
+    text = str(err)
+    for cause, words in (("refused", "connection refused"), ("reset", "connection reset"),
+                         ("aborted", "connection aborted"), ("RemoteDisconnected", "connection closed"),
+                         ("Name or service not known", "unknown host"), ("unreachable", "unreachable")):
+        if cause in text:
+            return words
+    return validate.short(text, 120)
 
 
 def _b64(text: str) -> str:
@@ -130,16 +163,21 @@ def _compare(key: str, target: str, result: str, value: int, prefix: bool = Fals
 class EtcdStore(ClusterStore):
     """Cluster store in etcd >= 3.4; safe to share between threads."""
 
-    def __init__(self, host: str, port: int, prefix: str, timeout: float, pki: Path | None = None) -> None:
-        """``pki``: a folder with ``ca.crt`` (the CA that signed etcd's certificate: the client verifies
-        the server) and ``client.crt``/``client.key`` (what etcd's --client-cert-auth asks for)."""
-        self.url = f"{'etcds' if pki else 'etcd'}://{host}:{port}{prefix}"
+    def __init__(self, members: Sequence[tuple[str, int]], prefix: str, timeout: float,
+                 pki: Path | None = None) -> None:
+        """``members``: (host, port) of each member's client URL, any order. ``pki``: a folder with
+        ``ca.crt`` (the CA that signed etcd's certificate: the client verifies the server) and
+        ``client.crt``/``client.key`` (what etcd's --client-cert-auth asks for)."""
+        self.members = tuple(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in members)
+        self.url = f"{'etcds' if pki else 'etcd'}://{','.join(self.members)}{prefix}"
+        self._base = [f"{'https' if pki else 'http'}://{member}/v3/" for member in self.members]
         self._prefix = prefix
         self._timeout = timeout
         self._tls = tls_files(pki) if pki else None
-        # The API path is fixed: discovering it would cost a request, and Debian 12 ships etcd 3.4.
-        self._client = Etcd3Client(host=host, port=port, timeout=timeout, api_path="/v3/", session=self.session(),
-                                   protocol="https" if pki else "http")
+        self._session = self.session()
+        # The member that answered last: calls go there first. A plain int: threads may race on it
+        # harmlessly, each write is atomic and any value is a valid start.
+        self._preferred = 0
 
     def session(self) -> requests.Session:
         """An HTTP session that verifies etcd's certificate against osimg's CA and presents the client's."""
@@ -155,13 +193,87 @@ class EtcdStore(ClusterStore):
     def _key(self, *parts: object) -> str:
         return "/".join([self._prefix, *map(str, parts)])
 
+    def member_order(self) -> builtins.list[int]:
+        """Member indexes to try, the one that answered last first."""
+        start = self._preferred
+        return [(start + i) % len(self.members) for i in range(len(self.members))]
+
+    def member_url(self, index: int, endpoint: str) -> str:
+        return self._base[index] + endpoint
+
+    @property
+    def current_member(self) -> str:
+        """``HOST:PORT`` of the member calls go to first (the one that answered last)."""
+        return self.members[self._preferred]
+
+    def answered(self, index: int) -> None:
+        """Member ``index`` just answered: later calls (and watches) start there."""
+        self._preferred = index
+
     def _call(self, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._post(endpoint, payload)[0]
+
+    def _post(self, endpoint: str, payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Post to one member after another until one answers, within the store timeout; returns
+        the answer and whether an earlier attempt may have reached etcd (and been applied).
+
+        An etcd refusal (a failed precondition, an unknown lease...) is an answer: ClusterError at
+        once. Only "could not ask" (refused, reset, no answer in time, TLS) and etcd's transient
+        errors (no leader, request timed out) move on to the next member.
+        """
+        deadline = time.monotonic() + self._timeout
+        maybe_sent = False
+        problems: dict[int, str] = {}
+        broken: set[int] = set()  # TLS refused: the same again in the next round
+        while True:
+            for index in self.member_order():
+                remaining = deadline - time.monotonic()
+                if index in broken or remaining <= 0:
+                    continue
+                wait = min(remaining, max(self._timeout / len(self.members) / 2, MEMBER_MIN_WAIT))
+                try:
+                    response = self._session.post(self.member_url(index, endpoint), json=payload, timeout=wait)
+                except requests.exceptions.SSLError as err:
+                    problems[index] = f"TLS: {validate.short(str(err), 160)}"
+                    broken.add(index)
+                    continue
+                except requests.exceptions.ConnectTimeout:
+                    problems[index] = f"no connection within {wait:.1f} s"
+                    continue
+                except requests.exceptions.Timeout:
+                    problems[index] = f"no answer within {wait:.1f} s"
+                    maybe_sent = True
+                    continue
+                except requests.RequestException as err:
+                    problems[index] = connection_problem(err)
+                    maybe_sent = maybe_sent or problems[index] != "connection refused"
+                    continue
+                answer, problem = self._answer(endpoint, response)
+                if answer is not None:
+                    self.answered(index)
+                    return answer, maybe_sent
+                problems[index] = problem
+                maybe_sent = True
+            if len(broken) == len(self.members) or time.monotonic() + ROUND_PAUSE >= deadline:
+                break
+            time.sleep(ROUND_PAUSE)
+        tried = "; ".join(f"{self.members[i]}: {problems[i]}" for i in sorted(problems))
+        raise ClusterError(f"cluster store {self.url}: no etcd member answered {endpoint} within "
+                           f"{self._timeout:g} s ({tried}): {GIVE_UP_FIX}")
+
+    def _answer(self, endpoint: str, response: requests.Response) -> tuple[dict[str, Any] | None, str]:
+        """The JSON of a member's answer, or (None, why) if another member should be asked."""
         try:
-            answer: dict[str, Any] = self._client.post(self._client.get_url(endpoint), json=payload)
-        except (Etcd3Exception, requests.RequestException) as err:
-            detail = getattr(err, "detail_text", None) or str(err) or type(err).__name__
-            raise ClusterError(f"cluster store {self.url}: {endpoint} failed: {detail}") from None
-        return answer
+            doc = response.json()
+        except ValueError:
+            doc = None
+        if response.status_code == 200 and isinstance(doc, dict):
+            return doc, ""
+        message = str(doc.get("message") or doc.get("error")) if isinstance(doc, dict) else response.text
+        detail = validate.short(message.strip() or f"HTTP {response.status_code}", 160)
+        if response.status_code in (503, 504) or any(word in message for word in TRANSIENT):
+            return None, detail
+        raise ClusterError(f"cluster store {self.url}: {endpoint} failed: {detail}")
 
     def _get_range(self, key: str, prefix: bool = False) -> tuple[builtins.list[KV], int]:
         """Keys and the store revision they were read at."""
@@ -238,26 +350,32 @@ class EtcdStore(ClusterStore):
         self._call("kv/put", _put(self._key("records", kind, name), text)["request_put"])
 
     def _delete(self, kind: str, name: str) -> bool:
-        answer = self._call("kv/deleterange", _delete(self._key("records", kind, name))["request_delete_range"])
-        return int(answer.get("deleted", 0)) > 0
+        answer = self._call("kv/txn", {"success": [_delete(self._key("records", kind, name)),
+                                                   _delete(self._key("writes", kind, name))]})
+        return int(answer["responses"][0]["response_delete_range"].get("deleted", 0)) > 0
 
     def _swap(self, kind: str, name: str, text: str | None, revision: int, fence: Fence | None = None) -> bool:
-        key = self._key("records", kind, name)
-        write = _delete(key) if text is None else _put(key, text)
-        if fence is None:
-            return self._txn([_compare(key, "MOD", "EQUAL", revision)], [write])[0]
-        # one transaction: the record's revision and the lock key as we took it (same modification
-        # revision, so neither expired nor re-taken); the failure branch reads the lock to tell which
-        lock = self._key("locks", fence.lock)
-        ok, seen = self._txn(
-            [_compare(key, "MOD", "EQUAL", revision), _compare(lock, "MOD", "EQUAL", fence.token)],
-            [write],
-            [_range(lock)],
-        )
-        if not ok and (not seen[0] or seen[0][0].mod != fence.token):
-            who = seen[0][0].json().get("holder", "?") if seen[0] else "nobody"
+        key, nonce_key = self._key("records", kind, name), self._key("writes", kind, name)
+        nonce = uuid.uuid4().hex
+        write = [_delete(key), _delete(nonce_key)] if text is None else [_put(key, text), _put(nonce_key, nonce)]
+        compare = [_compare(key, "MOD", "EQUAL", revision)]
+        # With a fence, the same transaction also requires the lock key as we took it (same
+        # modification revision, so neither expired nor re-taken).
+        lock = self._key("locks", fence.lock) if fence else None
+        if lock is not None and fence is not None:
+            compare.append(_compare(lock, "MOD", "EQUAL", fence.token))
+        # the failure branch reads the nonce (did an attempt cut off by a dying member land?) and the lock
+        failure = [_range(nonce_key)] + ([_range(lock)] if lock is not None else [])
+        answer, maybe_sent = self._post("kv/txn", {"compare": compare, "success": write, "failure": failure})
+        if answer.get("succeeded"):
+            return True
+        seen = [[KV.parse(kv) for kv in r["response_range"].get("kvs", [])] for r in answer.get("responses", [])]
+        if maybe_sent and text is not None and seen[0] and seen[0][0].value == nonce:
+            return True
+        if fence is not None and (not seen[1] or seen[1][0].mod != fence.token):
+            who = seen[1][0].json().get("holder", "?") if seen[1] else "nobody"
             raise LeaseLostError(f"lock {fence.lock} is no longer held by {fence.holder} (now: {who})")
-        return ok
+        return False
 
     def _lock_holder(self, name: str) -> str | None:
         kvs, _ = self._get_range(self._key("locks", name))
@@ -502,8 +620,8 @@ class EtcdStore(ClusterStore):
             _, after = self._get_range(self._key("events", ""))
         return EtcdSubscription(self, event_filter, after)
 
-    def watch_request(self, after: int) -> tuple[str, dict[str, Any]]:
-        """URL and body of a watch on the events prefix from the revision after ``after``."""
+    def watch_body(self, after: int) -> dict[str, Any]:
+        """The body of a watch on the events prefix from the revision after ``after``."""
         prefix = self._key("events", "")
         create = {
             "key": _b64(prefix),
@@ -511,22 +629,22 @@ class EtcdStore(ClusterStore):
             "start_revision": after + 1,
             "filters": ["NODELETE"],
         }
-        return self._client.get_url("watch"), {"create_request": create}
+        return {"create_request": create}
 
     @property
     def timeout(self) -> float:
         return self._timeout
 
     def close(self) -> None:
-        self._client.session.close()
+        self._session.close()
 
 
 class EtcdSubscription(Subscription):
     """Events from an etcd watch stream, read by a thread into a queue.
 
-    Not etcd3gw's ``watch()``: it has no way to report a broken stream or to resume. Here a dropped
-    stream is re-opened from the revision after the last event received, so nothing is lost or
-    repeated; if etcd stays unreachable longer than the store timeout, get() raises ClusterError.
+    A dropped stream (its member died or restarted) is re-opened on the next member from the
+    revision after the last event received, so nothing is lost or repeated; if no member answers
+    for longer than the store timeout, get() raises ClusterError.
     """
 
     def __init__(self, store: EtcdStore, event_filter: EventFilter, after: int) -> None:
@@ -542,9 +660,12 @@ class EtcdSubscription(Subscription):
 
     def _watch(self, after: int) -> None:
         failing_since: float | None = None
+        order = self._store.member_order()
+        member = order[0]
         while not self.closed:
-            url, body = self._store.watch_request(after)
+            body = self._store.watch_body(after)
             try:
+                url = self._store.member_url(member, "watch")
                 with self._session.post(url, json=body, stream=True, timeout=(self._store.timeout, None)) as response:
                     with self._mutex:
                         if self.closed:
@@ -555,9 +676,10 @@ class EtcdSubscription(Subscription):
                         if line:
                             after = self._deliver(json.loads(line), after)
                             failing_since = None
+                            self._store.answered(member)
                 problem = "the watch stream ended"
             except (requests.RequestException, ValueError) as err:
-                problem = str(err) or type(err).__name__
+                problem = connection_problem(err) if isinstance(err, requests.RequestException) else str(err)
             except ClusterError as err:
                 self._fail(err)
                 return
@@ -565,8 +687,13 @@ class EtcdSubscription(Subscription):
                 return
             failing_since = failing_since or time.monotonic()
             if time.monotonic() - failing_since > self._store.timeout:
-                self._fail(ClusterError(f"cluster store {self._store.url}: event watch lost: {problem}"))
+                self._fail(ClusterError(
+                    f"cluster store {self._store.url}: event watch lost: no etcd member answered for "
+                    f"{self._store.timeout:g} s (last: {self._store.members[member]}: {problem}): {GIVE_UP_FIX}"
+                ))
                 return
+            # Resume from the next member: the stream broke because this one died, or it will tell.
+            member = order[(order.index(member) + 1) % len(order)]
             time.sleep(WATCH_RECONNECT_DELAY)
 
     def _deliver(self, message: dict[str, Any], after: int) -> int:
