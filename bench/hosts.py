@@ -279,7 +279,7 @@ def rollout_run(ctx: Context, label: str, placed: dict[str, str], v1: str, v2: s
 
 # -- report ---------------------------------------------------------------------------------------------
 def report(up: dict[str, Any] | None, roll: list[dict[str, Any]], cores: int) -> None:
-    con = Console()
+    con = Console(width=max(Console().width, 150))  # a log file is no 80-column terminal
     if up is not None:
         m, mib = up["median"], up["mib"]
         t = Table(title=f"(a) {up['image']} ({up['files']} files, {mib:.1f} MiB) to host b, medians of "
