@@ -72,9 +72,10 @@ class Hypervisor:
             try:
                 self._conn = libvirt.open(self.uri)
             except libvirt.libvirtError as err:
+                fix = ("start it with 'libvirtd -d' or 'bash scripts/run.sh setup'" if self.uri == DEFAULT_URI
+                       else "is libvirtd running on that host?")
                 raise HostUnreachableError(
-                    f"cannot reach libvirtd at {self.uri[:120]}: {err.get_error_message()} "
-                    "(start it with 'libvirtd -d' or 'bash scripts/run.sh setup')"
+                    f"cannot reach libvirtd at {self.uri[:120]}: {err.get_error_message()} ({fix})"
                 ) from None
         return self._conn
 
