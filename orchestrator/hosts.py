@@ -37,11 +37,11 @@ from .host.domain import retarget_saved_state, saved_header
 from .host.libvirt import Hypervisor
 from .images import catalog
 from .settings import URI_RE, qemu_gid
+from .validate import NAME_RE, short
 from .validate import name as valid_name
-from .validate import short
 
 KIND = "host"
-SHIPPED = "host-image"  # records of images uploaded to a host and verified there: HOST.IMAGE
+SHIPPED = "host-image"  # records of images uploaded to a host and verified there (``shipped_key``)
 DEFAULT_ROOT = "/var/lib/libvirt/osimg"
 ROOT_RE = re.compile(r"^/[A-Za-z0-9._/-]{1,200}$")
 MAX_HOSTS = 64
@@ -128,12 +128,8 @@ def remove(ctx: Context, name: str, guest_names: list[str]) -> None:
     if guest_names:
         raise ConflictError(f"host {name} still runs guests {short(', '.join(guest_names), 80)}: remove or "
                             "move them first")
-    hv = context(ctx, name).hv
-    for rec_name, _ in ctx.store.items(SHIPPED):
-        host, _, image = rec_name.partition(".")
-        if host == name:
-            hv.pool_remove(pool_name(ctx, "i", image))
-            ctx.store.delete(SHIPPED, rec_name)
+    for image in shipped(ctx, name):
+        unship(ctx, name, image)
     ctx.store.delete(KIND, h.name)
 
 
@@ -322,7 +318,7 @@ def ship(ctx: Context, host: str, image: str, progress: Any = None) -> Shipment:
     if img.kind == "snapshot":
         raise ValidationError(f"image {image} is a snapshot (an overlay of {img.parent}); only self-contained "
                               f"images reach other hosts: 'osimg image clone {image} NEW' makes one")
-    rec_name = f"{host}.{image}"
+    rec_name = shipped_key(host, image)
     have = ctx.store.get(SHIPPED, rec_name)
     if isinstance(have, dict) and have.get("files") == img.files:
         return Shipment(host, image, img.files, 0, 0.0, True)
@@ -345,10 +341,36 @@ def ship(ctx: Context, host: str, image: str, progress: Any = None) -> Shipment:
             hv.vol_delete(pool, fname)
             raise StorageError(f"image {image}: {fname} arrived on host {host} with another hash "
                                f"({h256.hexdigest()[:12]}, not {digest[:12]}); the upload was removed, try again")
-    ctx.store.put(SHIPPED, rec_name, {"files": img.files, "at": time.time()})
+    ctx.store.put(SHIPPED, rec_name, {"host": host, "image": image, "files": img.files, "at": time.time()})
     return Shipment(host, image, img.files, sent, round(time.monotonic() - t0, 3), False)
+
+
+def shipped_key(host: str, image: str) -> str:
+    """The store name of "``image`` is on ``host``": both names may hold dots, so a digest of the pair."""
+    return "s" + hashlib.sha256(f"{host}\0{image}".encode()).hexdigest()[:40]
+
+
+def _shipments(ctx: Context) -> list[tuple[str, str]]:
+    """(host, image) of every shipment record whose names are sound (records are data)."""
+    out = []
+    for _, rec in ctx.store.items(SHIPPED):
+        host, image = (rec.get("host"), rec.get("image")) if isinstance(rec, dict) else (None, None)
+        if isinstance(host, str) and isinstance(image, str) and NAME_RE.match(host) and NAME_RE.match(image):
+            out.append((host, image))
+    return out
+
+
+def having(ctx: Context, image: str) -> list[str]:
+    """The hosts an image was shipped to."""
+    return sorted(h for h, i in _shipments(ctx) if i == image)
+
+
+def unship(ctx: Context, host: str, image: str) -> None:
+    """Remove an image's pool (and its files) from a host, then its record."""
+    context(ctx, host).hv.pool_remove(pool_name(ctx, "i", image))
+    ctx.store.delete(SHIPPED, shipped_key(host, image))
 
 
 def shipped(ctx: Context, host: str) -> list[str]:
     """The images a host has (uploaded and verified there)."""
-    return sorted(n.partition(".")[2] for n, _ in ctx.store.items(SHIPPED) if n.partition(".")[0] == host)
+    return sorted(i for h, i in _shipments(ctx) if h == host)
