@@ -11,11 +11,14 @@ created by the host's libvirtd (``virStorageVolCreateXML``, qemu-img on that hos
 page-in file is copied within the host (``virStorageVolCreateXMLFrom``) and only its header (the
 guest's identity, a few KiB) crosses the connection. No shared file system is assumed.
 
-On each host, under its ``root`` (default ``/var/lib/libvirt/osimg``), an OSIMG_HOME has a folder
-named by a hash of the home, so two homes sharing a host never share files::
+On each host, under its ``root`` (default ``/var/lib/libvirt/osimg``), one folder per pool, named
+as the pool, with a hash of OSIMG_HOME in it, so two homes sharing a host never share files::
 
-    ROOT/HOMEID/images/IMAGE/   one pool per image:  osimg-HOMEID-i-IMAGE
-    ROOT/HOMEID/guests/GUEST/   one pool per guest:  osimg-HOMEID-g-GUEST
+    ROOT/osimg-HOMEID-i-IMAGE/   one pool per image
+    ROOT/osimg-HOMEID-g-GUEST/   one pool per guest
+
+All sit right under ROOT, which osimg makes 0750 with QEMU's group (folders libvirtd makes on the
+way to a pool's folder get libvirtd's umask, which may shut QEMU out).
 
 The records kept here are data, not trust: a host's name, URI and root are checked before use.
 """
@@ -151,7 +154,21 @@ def pool_name(ctx: Context, kind: str, name: str) -> str:
 
 
 def folder(ctx: Context, h: Host, kind: str, name: str) -> str:
-    return str(PurePosixPath(h.root) / home_id(ctx) / ("images" if kind == "i" else "guests") / name)
+    return str(PurePosixPath(h.root) / pool_name(ctx, kind, name))
+
+
+def ensure_pool(ctx: Context, h: Host, kind: str, name: str) -> tuple[Hypervisor, str]:
+    """The pool (and its folder under the host's root) of an image or guest, made if missing; once
+    per process per pool. Returns the host's handle and the pool's name."""
+    hv = context(ctx, h.name).hv
+    pool = pool_name(ctx, kind, name)
+    if (h.uri, h.root) not in _ensured:
+        hv.make_dir(h.root, qemu_gid())
+        _ensured.add((h.uri, h.root))
+    if (h.uri, pool) not in _ensured:
+        hv.pool_ensure(pool, folder(ctx, h, kind, name), qemu_gid())
+        _ensured.add((h.uri, pool))
+    return hv, pool
 
 
 class Files(Protocol):
@@ -269,16 +286,11 @@ def guest_files(ctx: Context, host: str | None, guest: str, gdir: Path) -> Files
     if host is None:
         return LocalFiles(gdir)
     h = get(ctx, host)
-    hctx = context(ctx, host)
-    pool = pool_name(ctx, "g", guest)
-    path = folder(ctx, h, "g", guest)
-    if (h.uri, pool) not in _ensured:
-        hctx.hv.pool_ensure(pool, path, qemu_gid())
-        _ensured.add((h.uri, pool))
-    return PoolFiles(hctx.hv, pool, path, home_id(ctx))
+    hv, pool = ensure_pool(ctx, h, "g", guest)
+    return PoolFiles(hv, pool, folder(ctx, h, "g", guest), home_id(ctx))
 
 
-_ensured: set[tuple[str, str]] = set()  # pools this process made sure of (one lookup per guest, not per file)
+_ensured: set[tuple[str, str]] = set()  # (uri, pool or root) this process made sure of: one lookup, not one per file
 
 
 def remove_guest_files(ctx: Context, host: str, guest: str) -> None:
@@ -323,10 +335,8 @@ def ship(ctx: Context, host: str, image: str, progress: Any = None) -> Shipment:
     if isinstance(have, dict) and have.get("files") == img.files:
         return Shipment(host, image, img.files, 0, 0.0, True)
     catalog.verify_source(ctx, image)
-    hv = context(ctx, host).hv
-    pool = pool_name(ctx, "i", image)
     t0 = time.monotonic()
-    hv.pool_ensure(pool, folder(ctx, h, "i", image), qemu_gid())
+    hv, pool = ensure_pool(ctx, h, "i", image)
     sent = 0
     d = catalog.image_dir(ctx, image)
     for fname, digest in sorted(img.files.items()):
@@ -367,7 +377,10 @@ def having(ctx: Context, image: str) -> list[str]:
 
 def unship(ctx: Context, host: str, image: str) -> None:
     """Remove an image's pool (and its files) from a host, then its record."""
-    context(ctx, host).hv.pool_remove(pool_name(ctx, "i", image))
+    h = get(ctx, host)
+    pool = pool_name(ctx, "i", image)
+    _ensured.discard((h.uri, pool))
+    context(ctx, host).hv.pool_remove(pool)
     ctx.store.delete(SHIPPED, shipped_key(host, image))
 
 

@@ -461,6 +461,16 @@ class Hypervisor:
             if not pool.isActive():
                 pool.create(0)
 
+    def make_dir(self, path: str, gid: int | None) -> None:
+        """Make sure ``path`` exists on the host, 0750 root and QEMU's group ``gid``: a transient pool
+        built there and dropped at once (libvirt's only way to make a folder on a remote host; its
+        own parents are made with libvirtd's umask, which may shut QEMU out, so every osimg pool
+        folder is made right under one folder made this way)."""
+        name = f"osimg-mkdir-{os.getpid()}-{threading.get_ident() % 100000}"
+        with self._calling(f"making folder {path[:120]}"):
+            pool = self.conn.storagePoolCreateXML(pool_xml(name, path, gid), libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+            pool.destroy()
+
     def pool_remove(self, name: str) -> None:
         """Delete a pool's volumes, its folder and its definition; a missing pool is no error."""
         with self._calling(f"storage pool {name}"):
