@@ -23,7 +23,15 @@ from typing import Any
 
 from . import customize, hosts, recipes
 from .context import Context
-from .errors import ConflictError, GuestError, NotFoundError, OsimgError, StorageError, ValidationError
+from .errors import (
+    ConflictError,
+    GuestError,
+    HostUnreachableError,
+    NotFoundError,
+    OsimgError,
+    StorageError,
+    ValidationError,
+)
 from .host import qemu_img
 from .host.console import wait_for_text
 from .host.domain import DiskSpec, DomainSpec, NetSpec
@@ -463,10 +471,14 @@ def remove(ctx: Context, name: str) -> None:
 
 
 def status(ctx: Context, g: Guest) -> str:
+    """The domain's state; "undefined" without one, "unreachable" when its host does not answer (a
+    listing of many guests must not fail for one lost host)."""
     try:
         return g.at(ctx).hv.state(g.name)
     except NotFoundError:
         return "undefined"
+    except HostUnreachableError:
+        return "unreachable"
 
 
 DISK_TARGETS = {"os": "vda", "data": DATA_TARGET}  # the targets domain_spec gives the two disks

@@ -11,11 +11,14 @@ created by the host's libvirtd (``virStorageVolCreateXML``, qemu-img on that hos
 page-in file is copied within the host (``virStorageVolCreateXMLFrom``) and only its header (the
 guest's identity, a few KiB) crosses the connection. No shared file system is assumed.
 
-On each host, under its ``root`` (default ``/var/lib/libvirt/osimg``), an OSIMG_HOME has a folder
-named by a hash of the home, so two homes sharing a host never share files::
+On each host, under its ``root`` (default ``/var/lib/libvirt/osimg``), one folder per pool, named
+as the pool, with a hash of OSIMG_HOME in it, so two homes sharing a host never share files::
 
-    ROOT/HOMEID/images/IMAGE/   one pool per image:  osimg-HOMEID-i-IMAGE
-    ROOT/HOMEID/guests/GUEST/   one pool per guest:  osimg-HOMEID-g-GUEST
+    ROOT/osimg-HOMEID-i-IMAGE/   one pool per image
+    ROOT/osimg-HOMEID-g-GUEST/   one pool per guest
+
+All sit right under ROOT, which osimg makes 0750 with QEMU's group (folders libvirtd makes on the
+way to a pool's folder get libvirtd's umask, which may shut QEMU out).
 
 The records kept here are data, not trust: a host's name, URI and root are checked before use.
 """
@@ -37,11 +40,11 @@ from .host.domain import retarget_saved_state, saved_header
 from .host.libvirt import Hypervisor
 from .images import catalog
 from .settings import URI_RE, qemu_gid
+from .validate import NAME_RE, short
 from .validate import name as valid_name
-from .validate import short
 
 KIND = "host"
-SHIPPED = "host-image"  # records of images uploaded to a host and verified there: HOST.IMAGE
+SHIPPED = "host-image"  # records of images uploaded to a host and verified there (``shipped_key``)
 DEFAULT_ROOT = "/var/lib/libvirt/osimg"
 ROOT_RE = re.compile(r"^/[A-Za-z0-9._/-]{1,200}$")
 MAX_HOSTS = 64
@@ -128,12 +131,8 @@ def remove(ctx: Context, name: str, guest_names: list[str]) -> None:
     if guest_names:
         raise ConflictError(f"host {name} still runs guests {short(', '.join(guest_names), 80)}: remove or "
                             "move them first")
-    hv = context(ctx, name).hv
-    for rec_name, _ in ctx.store.items(SHIPPED):
-        host, _, image = rec_name.partition(".")
-        if host == name:
-            hv.pool_remove(pool_name(ctx, "i", image))
-            ctx.store.delete(SHIPPED, rec_name)
+    for image in shipped(ctx, name):
+        unship(ctx, name, image)
     ctx.store.delete(KIND, h.name)
 
 
@@ -155,7 +154,21 @@ def pool_name(ctx: Context, kind: str, name: str) -> str:
 
 
 def folder(ctx: Context, h: Host, kind: str, name: str) -> str:
-    return str(PurePosixPath(h.root) / home_id(ctx) / ("images" if kind == "i" else "guests") / name)
+    return str(PurePosixPath(h.root) / pool_name(ctx, kind, name))
+
+
+def ensure_pool(ctx: Context, h: Host, kind: str, name: str) -> tuple[Hypervisor, str]:
+    """The pool (and its folder under the host's root) of an image or guest, made if missing; once
+    per process per pool. Returns the host's handle and the pool's name."""
+    hv = context(ctx, h.name).hv
+    pool = pool_name(ctx, kind, name)
+    if (h.uri, h.root) not in _ensured:
+        hv.make_dir(h.root, qemu_gid())
+        _ensured.add((h.uri, h.root))
+    if (h.uri, pool) not in _ensured:
+        hv.pool_ensure(pool, folder(ctx, h, kind, name), qemu_gid())
+        _ensured.add((h.uri, pool))
+    return hv, pool
 
 
 class Files(Protocol):
@@ -273,16 +286,11 @@ def guest_files(ctx: Context, host: str | None, guest: str, gdir: Path) -> Files
     if host is None:
         return LocalFiles(gdir)
     h = get(ctx, host)
-    hctx = context(ctx, host)
-    pool = pool_name(ctx, "g", guest)
-    path = folder(ctx, h, "g", guest)
-    if (h.uri, pool) not in _ensured:
-        hctx.hv.pool_ensure(pool, path, qemu_gid())
-        _ensured.add((h.uri, pool))
-    return PoolFiles(hctx.hv, pool, path, home_id(ctx))
+    hv, pool = ensure_pool(ctx, h, "g", guest)
+    return PoolFiles(hv, pool, folder(ctx, h, "g", guest), home_id(ctx))
 
 
-_ensured: set[tuple[str, str]] = set()  # pools this process made sure of (one lookup per guest, not per file)
+_ensured: set[tuple[str, str]] = set()  # (uri, pool or root) this process made sure of: one lookup, not one per file
 
 
 def remove_guest_files(ctx: Context, host: str, guest: str) -> None:
@@ -322,15 +330,13 @@ def ship(ctx: Context, host: str, image: str, progress: Any = None) -> Shipment:
     if img.kind == "snapshot":
         raise ValidationError(f"image {image} is a snapshot (an overlay of {img.parent}); only self-contained "
                               f"images reach other hosts: 'osimg image clone {image} NEW' makes one")
-    rec_name = f"{host}.{image}"
+    rec_name = shipped_key(host, image)
     have = ctx.store.get(SHIPPED, rec_name)
     if isinstance(have, dict) and have.get("files") == img.files:
         return Shipment(host, image, img.files, 0, 0.0, True)
     catalog.verify_source(ctx, image)
-    hv = context(ctx, host).hv
-    pool = pool_name(ctx, "i", image)
     t0 = time.monotonic()
-    hv.pool_ensure(pool, folder(ctx, h, "i", image), qemu_gid())
+    hv, pool = ensure_pool(ctx, h, "i", image)
     sent = 0
     d = catalog.image_dir(ctx, image)
     for fname, digest in sorted(img.files.items()):
@@ -345,10 +351,39 @@ def ship(ctx: Context, host: str, image: str, progress: Any = None) -> Shipment:
             hv.vol_delete(pool, fname)
             raise StorageError(f"image {image}: {fname} arrived on host {host} with another hash "
                                f"({h256.hexdigest()[:12]}, not {digest[:12]}); the upload was removed, try again")
-    ctx.store.put(SHIPPED, rec_name, {"files": img.files, "at": time.time()})
+    ctx.store.put(SHIPPED, rec_name, {"host": host, "image": image, "files": img.files, "at": time.time()})
     return Shipment(host, image, img.files, sent, round(time.monotonic() - t0, 3), False)
+
+
+def shipped_key(host: str, image: str) -> str:
+    """The store name of "``image`` is on ``host``": both names may hold dots, so a digest of the pair."""
+    return "s" + hashlib.sha256(f"{host}\0{image}".encode()).hexdigest()[:40]
+
+
+def _shipments(ctx: Context) -> list[tuple[str, str]]:
+    """(host, image) of every shipment record whose names are sound (records are data)."""
+    out = []
+    for _, rec in ctx.store.items(SHIPPED):
+        host, image = (rec.get("host"), rec.get("image")) if isinstance(rec, dict) else (None, None)
+        if isinstance(host, str) and isinstance(image, str) and NAME_RE.match(host) and NAME_RE.match(image):
+            out.append((host, image))
+    return out
+
+
+def having(ctx: Context, image: str) -> list[str]:
+    """The hosts an image was shipped to."""
+    return sorted(h for h, i in _shipments(ctx) if i == image)
+
+
+def unship(ctx: Context, host: str, image: str) -> None:
+    """Remove an image's pool (and its files) from a host, then its record."""
+    h = get(ctx, host)
+    pool = pool_name(ctx, "i", image)
+    _ensured.discard((h.uri, pool))
+    context(ctx, host).hv.pool_remove(pool)
+    ctx.store.delete(SHIPPED, shipped_key(host, image))
 
 
 def shipped(ctx: Context, host: str) -> list[str]:
     """The images a host has (uploaded and verified there)."""
-    return sorted(n.partition(".")[2] for n, _ in ctx.store.items(SHIPPED) if n.partition(".")[0] == host)
+    return sorted(i for h, i in _shipments(ctx) if h == host)

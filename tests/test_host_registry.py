@@ -60,10 +60,10 @@ def test_files_of_a_home_on_a_host_are_apart_from_other_homes(ctx: Context, tmp_
     finally:
         other.close()
     h = hosts.add(ctx, "b", TEST_URI, root="/srv/osimg")
-    assert hosts.folder(ctx, h, "g", "web1") == f"/srv/osimg/{hosts.home_id(ctx)}/guests/web1"
+    assert hosts.folder(ctx, h, "g", "web1") == f"/srv/osimg/osimg-{hosts.home_id(ctx)}-g-web1"
     local = str(ctx.settings.images_dir / "v1" / "disk.qcow2")
     assert hosts.image_path(ctx, None, local) == local
-    assert hosts.image_path(ctx, "b", local) == f"/srv/osimg/{hosts.home_id(ctx)}/images/v1/disk.qcow2"
+    assert hosts.image_path(ctx, "b", local) == f"/srv/osimg/osimg-{hosts.home_id(ctx)}-i-v1/disk.qcow2"
     with pytest.raises(StorageError, match="not a catalog image's file"):
         hosts.image_path(ctx, "b", "/etc/shadow")
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
@@ -29,8 +30,10 @@ from orchestrator.host.libvirt import Hypervisor
 from orchestrator.images import catalog, lifecycle
 from orchestrator.settings import SOURCE_ROOT
 
-from .cluster_fixtures import EtcdCluster
 from .conftest import HOME, RUN_ID, gname
+
+if TYPE_CHECKING:  # loaded by pytest as a plugin (below); importing it here too would bypass pytest's assertions
+    from .cluster_fixtures import EtcdCluster
 
 pytest_plugins = ["tests.cluster_fixtures"]
 pytestmark = [pytest.mark.guest, pytest.mark.etcd]
@@ -212,6 +215,7 @@ def test_a_fleet_spread_over_two_hosts_rolls_over_warm_per_host_and_survives_los
     assert started["batch 1"].wait(120)
     # the member the orchestrator most likely talks to: the first of the URL (and not a quorum)
     fleet.cluster.kill(1)
+    assert t.is_alive(), "the rollout ended before the etcd member was killed"
     t.join(600)
     assert not t.is_alive()
     fleet.cluster.start(1)
@@ -239,9 +243,15 @@ def test_losing_a_host_mid_rollout_skips_it_and_resume_finishes_after_it_returns
     t, results = _rollout_in_thread(ctx, order, to, seen, batch=2, per_host=1, max_failures=2)
     assert seen[f"{b_names[0]}: quiesce"].wait(180)
     fleet.b.kill()
+    assert t.is_alive(), "the rollout ended before the second host's libvirtd was killed"
     t.join(600)
     assert not t.is_alive()
     by = {r.guest: r for r in results}
+    journaled = swap.journal.get(ctx, b_names[0])
+    print(f"\n[measure] host b lost during {b_names[0]}'s swap: {by[b_names[0]].error}; journal step "
+          f"{journaled.get('step') if journaled else None}")
+    # nothing half-done: the swap in flight was rolled back, or its journal holds it for --resume
+    assert by[b_names[0]].rolled_back or journaled is not None
     assert by[a_names[0]].ok and by[a_names[1]].ok, [r.error for r in results]
     assert not by[b_names[0]].ok
     assert by[b_names[1]].skipped and "host b does not answer" in (by[b_names[1]].error or "")
@@ -254,6 +264,7 @@ def test_losing_a_host_mid_rollout_skips_it_and_resume_finishes_after_it_returns
 
     fleet.b.restart()
     done = swap.resume(ctx)
+    print(f"[measure] resume: {[(r.guest, r.ok, r.rolled_back, r.error) for r in done]}")
     assert done and all(r.ok or r.rolled_back for r in done), [r.error for r in done]
     assert not swap.pending_rollouts(ctx)
     for n in names:

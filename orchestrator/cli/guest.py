@@ -117,7 +117,7 @@ def cmd_guest_rm(ctx: Context, a: argparse.Namespace) -> int:
 
 
 def cmd_guest_resize(ctx: Context, a: argparse.Namespace) -> int:
-    live = ctx.hv.is_active(a.name)
+    live = guests.status(ctx, guests.load(ctx, a.name)) in ("running", "paused")
     old, new = guests.resize(ctx, a.name, a.disk, a.size)
     if a.json:
         emit_json({"name": a.name, "disk": a.disk, "old_bytes": old, "new_bytes": new, "changed": new != old,

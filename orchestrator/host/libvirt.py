@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,9 +73,10 @@ class Hypervisor:
             try:
                 self._conn = libvirt.open(self.uri)
             except libvirt.libvirtError as err:
+                fix = ("start it with 'libvirtd -d' or 'bash scripts/run.sh setup'" if self.uri == DEFAULT_URI
+                       else "is libvirtd running on that host?")
                 raise HostUnreachableError(
-                    f"cannot reach libvirtd at {self.uri[:120]}: {err.get_error_message()} "
-                    "(start it with 'libvirtd -d' or 'bash scripts/run.sh setup')"
+                    f"cannot reach libvirtd at {self.uri[:120]}: {err.get_error_message()} ({fix})"
                 ) from None
         return self._conn
 
@@ -459,6 +461,16 @@ class Hypervisor:
             if not pool.isActive():
                 pool.create(0)
 
+    def make_dir(self, path: str, gid: int | None) -> None:
+        """Make sure ``path`` exists on the host, 0750 root and QEMU's group ``gid``: a transient pool
+        built there and dropped at once (libvirt's only way to make a folder on a remote host; its
+        own parents are made with libvirtd's umask, which may shut QEMU out, so every osimg pool
+        folder is made right under one folder made this way)."""
+        name = f"osimg-mkdir-{os.getpid()}-{threading.get_ident() % 100000}"
+        with self._calling(f"making folder {path[:120]}"):
+            pool = self.conn.storagePoolCreateXML(pool_xml(name, path, gid), libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+            pool.destroy()
+
     def pool_remove(self, name: str) -> None:
         """Delete a pool's volumes, its folder and its definition; a missing pool is no error."""
         with self._calling(f"storage pool {name}"):
@@ -520,14 +532,26 @@ class Hypervisor:
             p = self.conn.storagePoolLookupByName(pool)
             return str(p.createXML(vol_xml(vol, capacity, fmt, backing), 0).path())
 
-    def vol_clone(self, pool: str, vol: str, src_pool: str, src_vol: str) -> str:
-        """Copy a volume within the host (libvirtd copies; nothing crosses the connection)."""
-        with self._calling(f"copying volume {src_vol} to {vol}"):
-            src = self._vol(src_pool, src_vol, refresh=True)
-            if src is None:
-                raise NotFoundError(f"no volume {src_vol!r} in pool {src_pool!r} on {self.uri[:120]}")
-            p = self.conn.storagePoolLookupByName(pool)
-            return str(p.createXMLFrom(vol_xml(vol, int(src.info()[1]), "raw"), src, 0).path())
+    def vol_clone(self, pool: str, vol: str, src_pool: str, src_vol: str, wait: float = 300) -> str:
+        """Copy a volume within the host (libvirtd copies; nothing crosses the connection).
+
+        libvirt refuses a copy out of a pool while another copy from it runs ("asynchronous jobs
+        running"): a batch swapping two guests of one host to one image copies its golden state
+        twice at once, and other orchestrators may too. Copies out of one pool therefore take turns
+        in this process and retry while another process's copy runs, up to ``wait`` seconds."""
+        with _pool_turn(self.uri, src_pool), self._calling(f"copying volume {src_vol} to {vol}"):
+            deadline = time.monotonic() + wait
+            while True:
+                src = self._vol(src_pool, src_vol, refresh=True)
+                if src is None:
+                    raise NotFoundError(f"no volume {src_vol!r} in pool {src_pool!r} on {self.uri[:120]}")
+                p = self.conn.storagePoolLookupByName(pool)
+                try:
+                    return str(p.createXMLFrom(vol_xml(vol, int(src.info()[1]), "raw"), src, 0).path())
+                except libvirt.libvirtError as err:
+                    if "asynchronous jobs" not in (err.get_error_message() or "") or time.monotonic() > deadline:
+                        raise
+                time.sleep(0.2)
 
     def vol_delete(self, pool: str, vol: str) -> None:
         with self._calling(f"deleting volume {vol} of pool {pool}"):
@@ -607,6 +631,14 @@ class Hypervisor:
 
 
 STREAM_CHUNK = 1 << 20
+_POOL_TURNS: dict[tuple[str, str], threading.Lock] = {}
+_POOL_TURNS_LOCK = threading.Lock()
+
+
+def _pool_turn(uri: str, pool: str) -> threading.Lock:
+    """The lock copies out of one pool of one host take turns on (see ``Hypervisor.vol_clone``)."""
+    with _POOL_TURNS_LOCK:
+        return _POOL_TURNS.setdefault((uri, pool), threading.Lock())
 
 
 def pool_xml(name: str, path: str, gid: int | None) -> str:

@@ -14,7 +14,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import guests
+from .. import guests, hosts
 from ..context import Context
 from ..errors import ConflictError, GuestError, OsimgError, ValidationError
 from ..host import qemu_img
@@ -143,6 +143,8 @@ def remove(ctx: Context, name: str) -> None:
     deps = dependents(ctx, name)
     if deps:
         raise ConflictError(f"image {name!r} is in use by {', '.join(deps)}; remove those first")
+    for host in hosts.having(ctx, name):  # its copies on other hosts go first (an unreachable host stops here)
+        hosts.unship(ctx, host, name)
     d = catalog.image_dir(ctx, name)
     if d.exists():
         for f in d.iterdir():
