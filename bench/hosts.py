@@ -244,6 +244,8 @@ def rollout_run(ctx: Context, label: str, placed: dict[str, str], v1: str, v2: s
             t0 = time.monotonic()
             results = swap.rollout(ctx, p, progress=tl)
             wall = time.monotonic() - t0
+            if swap.interrupted():  # the rollout took the Ctrl-C (its swaps in flight rolled back): stop here
+                raise SystemExit(f"interrupted by {swap.interrupted()}")
             end = time.monotonic()
             for r in results:  # let each probe see the new OS answer a few times
                 while r.ok and probes[r.guest].answered_after(end, r.new_version or "?") < 3 \
@@ -307,7 +309,9 @@ def report(up: dict[str, Any] | None, roll: list[dict[str, Any]], cores: int) ->
             t.add_row(r["layout"], str(r["guests"]), str(r["batch"]), str(r["per_host"] or "-"), f"{r['wall']:.1f}",
                       f"{r['downtime_median']:.2f}", f"{r['probe_median']:.2f}", f"{r['ok']}/{r['guests']}")
         con.print(t)
-        if len(roll) == 2:
+        if len(roll) == 2 and any(r["ok"] < r["guests"] for r in roll):
+            con.print("no ratios: swaps failed (a failed swap is not timed, so the walls are not comparable)")
+        elif len(roll) == 2:
             one, two = roll
             con.print(f"ratios two hosts / one host: rollout wall {two['wall'] / one['wall']:.2f}, per-guest downtime "
                       f"{two['downtime_median'] / one['downtime_median']:.2f}")
@@ -372,7 +376,9 @@ def main() -> int:
         print(f"\nprobe vs orchestrator: {len(MEASURED) - len(bad)} of {len(MEASURED)} swaps agree; whole run "
               f"{total:.0f}s")
     for m in bad:
-        say(f"  DISAGREE {m.family} {m.guest}: probe {m.probe:.3f}s vs orchestrator {m.orchestrator}s")
+        why = (f"the swap failed: {m.result.error if m.result else '?'}" if m.result is None or not m.result.ok
+               else f"probe {m.probe:.3f}s vs orchestrator {m.orchestrator}s")
+        say(f"  DISAGREE {m.family} {m.guest}: {why}")
     if up is not None and not up["agrees"]:
         say("  DISAGREE upload: hosts.ship vs the same steps timed apart")
     return 1 if bad or (up is not None and not up["agrees"]) else 0
