@@ -2,7 +2,7 @@
 """Several libvirt hosts (issue 18): image upload through libvirt vs a plain local copy, and a warm
 rollout of N guests on one host vs N/2 + N/2 on two hosts.
 
-    .venv/bin/python bench/hosts.py [--guests 8] [--reps 3] [--batch 2] [--probe-every 1] [--json]
+    .venv/bin/python bench/hosts.py [--guests 8] [--reps 3] [--batch 2] [--probe-every 0.5] [--json]
 
 A second libvirt host is started with ``scripts/second_host.sh`` (its own system-mode
 libvirtd in a private mount namespace, reached by its own URI) and registered as host ``b``; this
@@ -23,18 +23,19 @@ medians must agree within 0.05 s + 25% of the larger, else the bench says DISAGR
 (b) Rollout. N tiny guests (256 MiB, 64 MiB data volume) are created with ``guests.create(host=)``
 all on host ``a``, rolled v1 -> v2 warm with ``swap.plan(..., batch=B)`` and ``swap.rollout``, and
 removed; then N/2 on ``a`` and N/2 on ``b`` (alternating, so every batch has one guest per host),
-rolled the same way with the same batch and ``per_host=1``. v2 is
-shipped to both hosts before the rollouts, so they time the swaps alone. Each guest's application is
-watched by a host probe (a request every 0.5 s, ``--probe-every``) and its downtime must agree with the orchestrator's
-``SwapResult.downtime`` by swap_downtime.py's rule (probe interval + 20% of the larger), else the
-bench exits 1.
+rolled the same way with the same batch and ``per_host=1``. v2 is shipped to both hosts before
+the rollouts, so they time the swaps alone. Each guest's application is watched by a host probe (a
+request every 0.5 s, ``--probe-every``, at most 2 open) and its downtime must agree with the
+orchestrator's ``SwapResult.downtime`` by swap_downtime.py's rule (probe interval + 20% of the
+larger), else the bench exits 1; a failed swap fails the bench too.
 
 On this machine both "hosts" share the same 2 cores, memory and disk: the two-host layout cannot be
 faster here beyond what parallel I/O and two libvirtds allow; on two real hosts each would have its
-own. The numbers are what they are.
+own. The numbers are what they are (README "Benchmarks" has one run and how to read it).
 
 At the end every guest, pool and host record is removed and the second host stopped (the recipe's
-``stop``), also on failure or Ctrl-C. Run through ``guestlock``; about 6-8 minutes under TCG.
+``stop``), also on failure or Ctrl-C. Run through ``guestlock``; about 3 minutes under TCG on a
+quiet 2-core host (158 s with other tests running).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ NAN = float("nan")
 
 
 def say(msg: str) -> None:
-    print(msg, file=sys.stderr if ARGS.json else sys.stdout, flush=True)
+    print(msg, flush=True)  # stderr with --json (main redirects stdout: swap_downtime's judge prints too)
 
 
 # -- the second host ------------------------------------------------------------------------------------
@@ -225,18 +226,16 @@ def provision(ctx: Context, placed: dict[str, str], image: str) -> float:
 
 
 def rollout_run(ctx: Context, label: str, placed: dict[str, str], v1: str, v2: str, batch: int,
-                per_host: int | None) -> dict[str, Any]:
+                per_host: int | None, every: float) -> dict[str, Any]:
     names = list(placed)
-    made: list[str] = []
     try:
-        made.extend(names)
         up = provision(ctx, placed, v1)
         say(f"[{label}] {len(names)} guests ready on {v1} in {up:.1f}s: "
             f"{', '.join(f'{n}@{h}' for n, h in placed.items())}")
         p = swap.plan(ctx, names, v2, "warm", batch=batch, max_failures=len(names), per_host=per_host)
         old = {n: guests.load(ctx, n).os_version for n in names}
         tl = Timeline()
-        probes = {n: Probe(guests.load(ctx, n).app_port, ARGS.probe_every) for n in names}
+        probes = {n: Probe(guests.load(ctx, n).app_port, every) for n in names}
         for pr in probes.values():
             pr.__enter__()
         try:
@@ -269,7 +268,7 @@ def rollout_run(ctx: Context, label: str, placed: dict[str, str], v1: str, v2: s
                 "downtime_median": statistics.median(down) if down else NAN,
                 "probe_median": statistics.median(seen) if seen else NAN}
     finally:
-        for n in made:
+        for n in names:  # the next layout needs the cores; cleanup() is the backstop
             with contextlib.suppress(OsimgError):
                 guests.remove(ctx, n)
 
@@ -319,27 +318,10 @@ def report(up: dict[str, Any] | None, roll: list[dict[str, Any]], cores: int) ->
                   "faster here beyond what parallel I/O and a second libvirtd allow")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--guests", type=int, default=8, help="guests per rollout (even, at least 2)")
-    ap.add_argument("--reps", type=int, default=3, help="upload runs")
-    ap.add_argument("--batch", type=int, default=2, help="guests swapped at once in both layouts")
-    ap.add_argument("--probe-every", type=float, default=PROBE_EVERY, help="seconds between probe requests")
-    ap.add_argument("--no-upload", action="store_true")
-    ap.add_argument("--no-rollout", action="store_true")
-    ap.add_argument("--recipe", type=Path, default=RECIPE, help="the second host's start/stop script")
-    ap.add_argument("--json", action="store_true", help="print the measurements as JSON (progress goes to stderr)")
-    global ARGS
-    ARGS = a = ap.parse_args()
-    if a.guests < 2 or a.guests % 2 or a.reps < 1:
-        ap.error("--guests must be even and at least 2, --reps at least 1")
-    if not a.recipe.is_file():
-        ap.error(f"no second-host recipe at {a.recipe} (--recipe)")
-    swap_downtime.MAX_INFLIGHT = INFLIGHT
-    tag = f"h{uuid.uuid4().hex[:4]}"
+def measure(a: argparse.Namespace, tag: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Both parts in the bench's own home with the second host started; everything removed after."""
     up: dict[str, Any] | None = None
     roll: list[dict[str, Any]] = []
-    t_all = time.monotonic()
     with bench_home(f"bench-hosts-{tag}") as ctx:
         home = ctx.settings.home
         v1, v2 = f"{tag}-v1", f"{tag}-v2"
@@ -362,10 +344,34 @@ def main() -> int:
                     half = a.guests // 2
                     one = {f"{tag}-o{i}": "a" for i in range(a.guests)}
                     two = {f"{tag}-t{i}": ("a" if i % 2 == 0 else "b") for i in range(a.guests)}
-                    roll.append(rollout_run(ctx, "one host", one, v1, v2, a.batch, None))
-                    roll.append(rollout_run(ctx, f"two hosts {half}+{half}", two, v1, v2, a.batch, 1))
+                    roll.append(rollout_run(ctx, "one host", one, v1, v2, a.batch, None, a.probe_every))
+                    roll.append(rollout_run(ctx, f"two hosts {half}+{half}", two, v1, v2, a.batch, 1, a.probe_every))
             finally:
                 cleanup(ctx, names, ["a", "b"], [v1, v2])
+    return up, roll
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--guests", type=int, default=8, help="guests per rollout (even, at least 2)")
+    ap.add_argument("--reps", type=int, default=3, help="upload runs")
+    ap.add_argument("--batch", type=int, default=2, help="guests swapped at once in both layouts")
+    ap.add_argument("--probe-every", type=float, default=PROBE_EVERY, help="seconds between probe requests")
+    ap.add_argument("--no-upload", action="store_true")
+    ap.add_argument("--no-rollout", action="store_true")
+    ap.add_argument("--recipe", type=Path, default=RECIPE, help="the second host's start/stop script")
+    ap.add_argument("--json", action="store_true", help="print the measurements as JSON (progress goes to stderr)")
+    a = ap.parse_args()
+    if a.guests < 2 or a.guests % 2 or a.reps < 1:
+        ap.error("--guests must be even and at least 2, --reps at least 1")
+    if not a.recipe.is_file():
+        ap.error(f"no second-host recipe at {a.recipe} (--recipe)")
+    swap_downtime.MAX_INFLIGHT = INFLIGHT
+    t_all = time.monotonic()
+    with contextlib.ExitStack() as quiet:
+        if a.json:
+            quiet.enter_context(contextlib.redirect_stdout(sys.stderr))
+        up, roll = measure(a, f"h{uuid.uuid4().hex[:4]}")
     total = time.monotonic() - t_all
     bad = [m for m in MEASURED if not m.agrees]
     if a.json:
@@ -378,13 +384,11 @@ def main() -> int:
     for m in bad:
         why = (f"the swap failed: {m.result.error if m.result else '?'}" if m.result is None or not m.result.ok
                else f"probe {m.probe:.3f}s vs orchestrator {m.orchestrator}s")
-        say(f"  DISAGREE {m.family} {m.guest}: {why}")
+        print(f"  DISAGREE {m.family} {m.guest}: {why}", file=sys.stderr)
     if up is not None and not up["agrees"]:
-        say("  DISAGREE upload: hosts.ship vs the same steps timed apart")
+        print("  DISAGREE upload: hosts.ship vs the same steps timed apart", file=sys.stderr)
     return 1 if bad or (up is not None and not up["agrees"]) else 0
 
-
-ARGS: argparse.Namespace
 
 if __name__ == "__main__":
     sys.exit(main())
