@@ -740,7 +740,7 @@ class EtcdSubscription(Subscription):
             try:
                 with socket.socket(fileno=os.dup(response.raw.fileno())) as sock:
                     sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):  # the response may be closed already
                 pass
         self._queue.put([])
         self._thread.join(timeout=self._store.timeout)
