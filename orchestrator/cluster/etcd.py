@@ -174,6 +174,8 @@ class EtcdStore(ClusterStore):
         self._prefix = prefix
         self._timeout = timeout
         self._tls = tls_files(pki) if pki else None
+        # one member: nobody else to ask, so it gets the whole timeout
+        self._attempt = timeout if len(members) == 1 else max(timeout / len(members) / 2, MEMBER_MIN_WAIT)
         self._session = self.session()
         # The member that answered last: calls go there first. A plain int: threads may race on it
         # harmlessly, each write is atomic and any value is a valid start.
@@ -230,7 +232,7 @@ class EtcdStore(ClusterStore):
                 remaining = deadline - time.monotonic()
                 if index in broken or remaining <= 0:
                     continue
-                wait = min(remaining, max(self._timeout / len(self.members) / 2, MEMBER_MIN_WAIT))
+                wait = min(remaining, self._attempt)
                 try:
                     response = self._session.post(self.member_url(index, endpoint), json=payload, timeout=wait)
                 except requests.exceptions.SSLError as err:
