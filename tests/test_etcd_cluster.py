@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from orchestrator.cluster import LIFECYCLE, Event, NodeAgent, open_store
-from orchestrator.errors import ClusterError, LeaseLostError
+from orchestrator.errors import ClusterError, LeaseLostError, OsimgError
 
 from .cluster_fixtures import EtcdCluster
 
@@ -94,10 +94,10 @@ def test_losing_one_member_of_three_changes_nothing(etcd_cluster: EtcdCluster, l
 
 
 def test_killing_members_while_calls_run_loses_no_call(etcd_cluster: EtcdCluster) -> None:
-    """A writer counts in a record while another writes its own record, and one member after
-    another is SIGKILLed and restarted (one down at a time, the leader first): no call fails and the
-    count is exact. An update cut off by its dying member may have landed and is sent again to the
-    next one: its nonce tells, so the count neither loses nor doubles an increment."""
+    """Two writers count, each in its own record, a third registers a node and takes a lock over and
+    over, and one member after another is SIGKILLed and restarted (one down at a time, the leader
+    first): no call fails and the counts are exact. An update cut off by its dying member may have
+    landed and is sent again to the next one: its nonce tells, so no increment is lost or doubled."""
     with open_store(etcd_cluster.store_url(f"churn-{uuid.uuid4().hex[:8]}")) as store:
         stop = threading.Event()
         errors: list[str] = []
@@ -108,12 +108,27 @@ def test_killing_members_while_calls_run_loses_no_call(etcd_cluster: EtcdCluster
             while not stop.is_set():
                 try:
                     store.update("counter", f"c{slot}", lambda r: {"n": r["n"] + 1} if r else None)
-                except ClusterError as err:
+                except OsimgError as err:
                     errors.append(str(err))
                     return
                 done[slot] += 1
 
+        def join_and_lock() -> None:
+            # a registration or a lock cut off by a dying member and sent again must not refuse itself
+            while not stop.is_set():
+                try:
+                    node = store.register_node("vios-churn", "127.0.0.1:10809", 5).node
+                    store.acquire_lock("churn", "rollout-a", 5)
+                    store.release_lock("churn", "rollout-a")
+                    store.deregister_node(node.id)
+                except OsimgError as err:
+                    errors.append(str(err))
+                    return
+                cycles[0] += 1
+
+        cycles = [0]
         writers = [threading.Thread(target=write, args=(slot,)) for slot in (0, 1)]
+        writers.append(threading.Thread(target=join_and_lock))
         for w in writers:
             w.start()
         try:
@@ -129,7 +144,8 @@ def test_killing_members_while_calls_run_loses_no_call(etcd_cluster: EtcdCluster
         assert not errors, errors[0]
         counts = [store.get("counter", f"c{slot}") for slot in (0, 1)]
         assert counts == [{"n": done[0]}, {"n": done[1]}], (counts, done)
-        print(f"\n[measure] {sum(done)} updates from 2 threads while 4 members were killed and restarted in turn")
+        print(f"\n[measure] {sum(done)} updates from 2 threads and {cycles[0]} register+lock cycles while 4 "
+              "members were killed and restarted in turn")
 
 
 def test_losing_two_members_of_three_stops_calls_with_one_line(etcd_cluster: EtcdCluster, tmp_path: Path) -> None:

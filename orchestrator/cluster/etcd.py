@@ -405,7 +405,8 @@ class EtcdStore(ClusterStore):
                 [_put(key, json.dumps({"holder": holder}), lease)],
                 [_range(key)],
             )
-            if ok:
+            # on our own lease: this write landed in an attempt cut off by a dying member
+            if ok or (seen[0] and seen[0][0].lease == lease):
                 return holder
             self._revoke(lease)
             (kvs,) = seen
@@ -435,6 +436,8 @@ class EtcdStore(ClusterStore):
                     records, alive = self._read(
                         _range(self._key("nodes", node_id)), _range(self._key("alive", node_id))
                     )
+                    if alive and alive[0].lease == lease:  # ours, from an attempt cut off by a dying member
+                        return self._node(records[0])
                     if alive:
                         raise ConflictError(
                             f"node {name} is already registered as node {node_id} with a live lease; a restarted "
