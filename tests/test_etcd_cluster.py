@@ -31,6 +31,9 @@ pytestmark = pytest.mark.etcd
 
 # A leader's loss costs an election (1-2 s with etcd's defaults) plus a member's share of the timeout.
 ONE_LOST_BOUND = 5.0
+# Lock and node ttl: a refresh runs every ttl/3 and may take ONE_LOST_BOUND's ~2 s during an election;
+# the swap lock's is 10 s. With 2 s the refresher would rightly call a lock it could not renew in time lost.
+TTL = 5.0
 
 
 def _timed(calls: dict[str, float], what: str, fn: Callable[..., Any], *args: object) -> Any:
@@ -53,10 +56,10 @@ def test_losing_one_member_of_three_changes_nothing(etcd_cluster: EtcdCluster, l
         store.put("rec", "a", {"n": 0})
         sub = watcher.subscribe()
         assert watcher.current_member == store.current_member
-        agent = NodeAgent(store, "vios-a", "127.0.0.1:10809", tmp_path / "node.json", ttl=2)
+        agent = NodeAgent(store, "vios-a", "127.0.0.1:10809", tmp_path / "node.json", ttl=TTL)
         agent.start()
         try:
-            with store.lock("swap-g1", "rollout-a", ttl=2) as lease:
+            with store.lock("swap-g1", "rollout-a", ttl=TTL) as lease:
                 in_use = etcd_cluster.member(store.current_member)
                 victim = in_use if lost == "in-use" else etcd_cluster.leader()
                 etcd_cluster.kill(victim)
@@ -73,7 +76,7 @@ def test_losing_one_member_of_three_changes_nothing(etcd_cluster: EtcdCluster, l
                 got = sub.get(timeout=ONE_LOST_BOUND)
                 assert got is not None and (got.seq, got.obj) == (published.seq, "guest/g1")
                 assert sub.get(timeout=0.5) is None, "an event was delivered twice after the watch moved"
-                time.sleep(3)  # longer than both ttls: refreshes and heartbeats went to the living members
+                time.sleep(TTL + 0.5)  # longer than both ttls: refreshes and heartbeats reached the living members
                 lease.check()
                 assert store.lock_holder("swap-g1") == "rollout-a"
                 assert [(n.name, n.state) for n in store.nodes()] == [("vios-a", "alive")]
