@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from orchestrator.cluster import LIFECYCLE, Event, NodeAgent, open_store
-from orchestrator.errors import ClusterError, LeaseLostError
+from orchestrator.errors import ClusterError, LeaseLostError, OsimgError
 
 from .cluster_fixtures import EtcdCluster
 
@@ -31,6 +31,9 @@ pytestmark = pytest.mark.etcd
 
 # A leader's loss costs an election (1-2 s with etcd's defaults) plus a member's share of the timeout.
 ONE_LOST_BOUND = 5.0
+# Lock and node ttl: a refresh runs every ttl/3 and may take ONE_LOST_BOUND's ~2 s during an election;
+# the swap lock's is 10 s. With 2 s the refresher would rightly call a lock it could not renew in time lost.
+TTL = 5.0
 
 
 def _timed(calls: dict[str, float], what: str, fn: Callable[..., Any], *args: object) -> Any:
@@ -48,13 +51,15 @@ def test_losing_one_member_of_three_changes_nothing(etcd_cluster: EtcdCluster, l
     serves what was written while it was dead."""
     prefix = f"one-{uuid.uuid4().hex[:8]}"
     calls: dict[str, float] = {}
-    with open_store(etcd_cluster.store_url(prefix)) as store:
+    # the watch on its own connection, as another process would have: its failover must not help the calls'
+    with open_store(etcd_cluster.store_url(prefix)) as store, open_store(etcd_cluster.store_url(prefix)) as watcher:
         store.put("rec", "a", {"n": 0})
-        sub = store.subscribe()
-        agent = NodeAgent(store, "vios-a", "127.0.0.1:10809", tmp_path / "node.json", ttl=2)
+        sub = watcher.subscribe()
+        assert watcher.current_member == store.current_member
+        agent = NodeAgent(store, "vios-a", "127.0.0.1:10809", tmp_path / "node.json", ttl=TTL)
         agent.start()
         try:
-            with store.lock("swap-g1", "rollout-a", ttl=2) as lease:
+            with store.lock("swap-g1", "rollout-a", ttl=TTL) as lease:
                 in_use = etcd_cluster.member(store.current_member)
                 victim = in_use if lost == "in-use" else etcd_cluster.leader()
                 etcd_cluster.kill(victim)
@@ -71,7 +76,7 @@ def test_losing_one_member_of_three_changes_nothing(etcd_cluster: EtcdCluster, l
                 got = sub.get(timeout=ONE_LOST_BOUND)
                 assert got is not None and (got.seq, got.obj) == (published.seq, "guest/g1")
                 assert sub.get(timeout=0.5) is None, "an event was delivered twice after the watch moved"
-                time.sleep(3)  # longer than both ttls: refreshes and heartbeats went to the living members
+                time.sleep(TTL + 0.5)  # longer than both ttls: refreshes and heartbeats reached the living members
                 lease.check()
                 assert store.lock_holder("swap-g1") == "rollout-a"
                 assert [(n.name, n.state) for n in store.nodes()] == [("vios-a", "alive")]
@@ -92,10 +97,10 @@ def test_losing_one_member_of_three_changes_nothing(etcd_cluster: EtcdCluster, l
 
 
 def test_killing_members_while_calls_run_loses_no_call(etcd_cluster: EtcdCluster) -> None:
-    """A writer counts in a record while another writes its own record, and one member after
-    another is SIGKILLed and restarted (one down at a time, the leader first): no call fails and the
-    count is exact. An update cut off by its dying member may have landed and is sent again to the
-    next one: its nonce tells, so the count neither loses nor doubles an increment."""
+    """Two writers count, each in its own record, a third registers a node and takes a lock over and
+    over, and one member after another is SIGKILLed and restarted (one down at a time, the leader
+    first): no call fails and the counts are exact. An update cut off by its dying member may have
+    landed and is sent again to the next one: its nonce tells, so no increment is lost or doubled."""
     with open_store(etcd_cluster.store_url(f"churn-{uuid.uuid4().hex[:8]}")) as store:
         stop = threading.Event()
         errors: list[str] = []
@@ -106,12 +111,27 @@ def test_killing_members_while_calls_run_loses_no_call(etcd_cluster: EtcdCluster
             while not stop.is_set():
                 try:
                     store.update("counter", f"c{slot}", lambda r: {"n": r["n"] + 1} if r else None)
-                except ClusterError as err:
+                except OsimgError as err:
                     errors.append(str(err))
                     return
                 done[slot] += 1
 
+        def join_and_lock() -> None:
+            # a registration or a lock cut off by a dying member and sent again must not refuse itself
+            while not stop.is_set():
+                try:
+                    node = store.register_node("vios-churn", "127.0.0.1:10809", 5).node
+                    store.acquire_lock("churn", "rollout-a", 5)
+                    store.release_lock("churn", "rollout-a")
+                    store.deregister_node(node.id)
+                except OsimgError as err:
+                    errors.append(str(err))
+                    return
+                cycles[0] += 1
+
+        cycles = [0]
         writers = [threading.Thread(target=write, args=(slot,)) for slot in (0, 1)]
+        writers.append(threading.Thread(target=join_and_lock))
         for w in writers:
             w.start()
         try:
@@ -127,7 +147,8 @@ def test_killing_members_while_calls_run_loses_no_call(etcd_cluster: EtcdCluster
         assert not errors, errors[0]
         counts = [store.get("counter", f"c{slot}") for slot in (0, 1)]
         assert counts == [{"n": done[0]}, {"n": done[1]}], (counts, done)
-        print(f"\n[measure] {sum(done)} updates from 2 threads while 4 members were killed and restarted in turn")
+        print(f"\n[measure] {sum(done)} updates from 2 threads and {cycles[0]} register+lock cycles while 4 "
+              "members were killed and restarted in turn")
 
 
 def test_losing_two_members_of_three_stops_calls_with_one_line(etcd_cluster: EtcdCluster, tmp_path: Path) -> None:
