@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import guests
+from orchestrator import guests, hosts
 from orchestrator.context import Context
 from orchestrator.errors import OsimgError
 from orchestrator.fleet import reconcile
@@ -40,6 +40,8 @@ ANSIBLE = SOURCE_ROOT / "ansible"
 COLLECTIONS = ANSIBLE / "collections"
 TARGETS = COLLECTIONS / "ansible_collections" / "osimg" / "virt" / "tests" / "integration" / "targets"
 PLAYBOOK = ANSIBLE / "playbooks" / "rolling_swap.yml"
+SEVERAL = ANSIBLE / "playbooks" / "several_hosts.yml"
+SECOND_HOST = SOURCE_ROOT / "scripts" / "second_host.sh"
 V1, V2 = f"a{RUN_ID}-v1", f"a{RUN_ID}-v2"
 GUESTS = [gname("ans1"), gname("ans2")]
 SPEC = HOME / "ansible-fleet.yml"
@@ -88,7 +90,7 @@ def ansible_playbook(playbook: Path, *args: str, extra: dict[str, str] | None = 
     return Run(proc.returncode, out, tasks, changed, failed, seconds)
 
 
-def ansible_module(module: str, args: dict[str, str], *flags: str) -> tuple[str, dict[str, Any]]:
+def ansible_module(module: str, args: dict[str, Any], *flags: str) -> tuple[str, dict[str, Any]]:
     """One module run ad hoc ('ansible localhost -m ...'): its status (CHANGED, SUCCESS, FAILED!) and result."""
     env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"), "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "0"}
@@ -231,3 +233,73 @@ def test_image_and_guest_modules(ctx: Context) -> None:
             with contextlib.suppress(OsimgError):
                 lifecycle.remove(ctx, img)
     assert not any(i.name.startswith(prefix) for i in catalog.list_images(ctx))
+
+
+@pytest.fixture
+def host_b() -> Iterator[str]:
+    """A second libvirtd (scripts/second_host.sh) for the several-hosts playbook; its URI."""
+    d = SOURCE_ROOT / ".cache" / f"ans-host-b-{RUN_ID}"
+    mask = os.umask(0o022)  # its folders become the host's /var/lib/libvirt: QEMU's user must traverse them
+    try:
+        started = subprocess.run(["bash", str(SECOND_HOST), "start", str(d)], capture_output=True, text=True,
+                                 timeout=60, check=False)
+    finally:
+        os.umask(mask)
+    try:
+        assert started.returncode == 0, f"the second libvirt host did not start: {started.stderr[-300:]}"
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(SECOND_HOST), "stop", str(d)], check=False, timeout=60)
+        time.sleep(1)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False, timeout=60)
+
+
+def test_several_hosts_playbook(ctx: Context, host_b: str) -> None:
+    """playbooks/several_hosts.yml: a fleet of 4 over this machine's libvirtd and a second one, two
+    guests placed by the spec and two by osimg, rolled to v2 with batch 2 and per_host 1."""
+    t0 = time.monotonic()
+    a, b, fleet = f"ha{RUN_ID}", f"hb{RUN_ID}", f"s{RUN_ID}"
+    names = [f"{fleet}-{i}" for i in range(1, 5)]
+    v1, v2 = f"s{RUN_ID}-v1", f"s{RUN_ID}-v2"
+    spec = HOME / f"fleet-{fleet}.yml"
+    extra = {"osimg_home": str(HOME), "image_v1": v1, "image_v2": v2, "fleet_name": fleet, "fleet_spec": str(spec),
+             "host_a_name": a, "host_b_name": b, "host_b_uri": host_b, "host_a_root": str(HOME / "host-a")}
+    try:
+        up = ansible_playbook(SEVERAL, "--skip-tags", "swap", extra=extra)
+        assert up.rc == 0 and up.tasks["Fleet up on v1, over both hosts"] == "changed", up.explain()
+        placed = {n: guests.load(ctx, n).host for n in names}
+        assert placed[names[0]] == a and placed[names[1]] == b, placed
+        assert sorted(str(h) for h in placed.values()) == sorted([a, a, b, b]), f"both placed on one host: {placed}"
+        for n in names:
+            assert hosts.context(ctx, placed[n]).hv.state(n) == "running", f"{n} is not running on {placed[n]}"
+        assert v1 in hosts.shipped(ctx, b), "the image was not uploaded to the second host's pool"
+
+        status, res = ansible_module("osimg.virt.swap", {"guests": names, "to_image": v2, "batch": 2, "per_host": 1,
+                                                         "home": str(HOME)}, "--check")
+        assert status == "CHANGED" and res["would_swap"] == names, res
+        assert all(len({placed[g] for g in batch}) == len(batch) for batch in res["batches"]), res["batches"]
+        assert max(len(batch) for batch in res["batches"]) == 2, res["batches"]
+
+        roll = ansible_playbook(SEVERAL, extra=extra)
+        assert roll.rc == 0, roll.explain()
+        assert roll.tasks["Roll the fleet to v2, at most one guest of each host at once"] == "changed", roll.explain()
+        for n in names:
+            g = guests.load(ctx, n)
+            assert (g.image, g.os_version, g.host) == (v2, "v2", placed[n]), f"{n}: {g.image} {g.host}"
+            assert hosts.context(ctx, g.host).hv.state(n) == "running"
+        again = ansible_playbook(SEVERAL, extra=extra)
+        assert again.rc == 0 and again.changed == 0, again.explain()
+    finally:
+        with contextlib.suppress(OsimgError):
+            if spec.exists():
+                reconcile.down(ctx, fleetspec.load(spec))
+        for n in names:
+            with contextlib.suppress(OsimgError):
+                guests.remove(ctx, n)
+        for h in (a, b):
+            with contextlib.suppress(OsimgError):
+                hosts.remove(ctx, h, [])
+        for img in (v2, v1):
+            with contextlib.suppress(OsimgError):
+                lifecycle.remove(ctx, img)
+    print(f"\n[measure] several hosts playbook test: {time.monotonic() - t0:.1f}s")

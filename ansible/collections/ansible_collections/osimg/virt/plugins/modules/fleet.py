@@ -19,6 +19,11 @@ description:
   - V(absent) is C(osimg fleet down), it removes the fleet's guests with their overlays, config drives and data
     volumes; the shared images stay.
   - The task reports a change exactly when the fleet did something (a guest created, started, resumed or removed).
+  - A spec may spread the fleet over several libvirt hosts (its C(hosts) mapping, each with a C(uri) and optionally
+    a C(root) folder and C(accel)); V(present) registers them, and each guest goes to the host its C(host) names or,
+    without one, to the host with the fewest guests, then the most free memory. Images reach each host through
+    libvirt (uploaded to a storage pool there and checked by hash). Roll such a fleet with M(osimg.virt.swap) and
+    its O(osimg.virt.swap#module:per_host) option.
 options:
   spec:
     description:
@@ -83,6 +88,18 @@ EXAMPLES = r"""
     guests: "{{ fleet.names }}"
     to_image: app-v2
 
+- name: A fleet over two libvirt hosts (the spec names them), rolled two at a time, at most one per host
+  osimg.virt.fleet:
+    spec: /srv/osimg/fleet-two-hosts.yaml   # hosts: {a: {uri: "qemu:///system"}, b: {uri: "qemu+ssh://root@b/system"}}
+  register: fleet2
+
+- name: Roll it to v2
+  osimg.virt.swap:
+    guests: "{{ fleet2.names }}"
+    to_image: app-v2
+    batch: 2
+    per_host: 1
+
 - name: Tear it down
   osimg.virt.fleet:
     spec: /srv/osimg/fleet.yaml
@@ -123,6 +140,13 @@ guests:
       description: Seconds until the guest answered SSH, when it was waited for.
       type: float
       sample: 5.4
+placed:
+  description:
+    - The host each guest of the spec that exists runs on (null for this machine's libvirt, in a spec without
+      C(hosts)); in check mode guests still to be created are not in it.
+  returned: always
+  type: dict
+  sample: {"web1": "a", "web2": "b"}
 summary:
   description: One line, as C(osimg fleet up) prints it.
   returned: always
@@ -135,6 +159,8 @@ from typing import Any
 from ansible_collections.osimg.virt.plugins.module_utils.common import new_module, plain, run
 
 try:
+    from orchestrator import guests
+    from orchestrator.errors import NotFoundError
     from orchestrator.fleet import reconcile
     from orchestrator.fleet import spec as fleetspec
 except ImportError:
@@ -157,7 +183,18 @@ def converge(module: Any, ctx: Any) -> dict[str, Any]:
         if fctx is not ctx:
             fctx.close()
     return {"changed": res.changed, "fleet": res.fleet, "names": [g.name for g in spec.guests],
-            "guests": plain(res.actions), "summary": res.summary()}
+            "guests": plain(res.actions), "placed": placed(ctx, [g.name for g in spec.guests]),
+            "summary": res.summary()}
+
+
+def placed(ctx: Any, names: list[str]) -> dict[str, Any]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = guests.load(ctx, name).host
+        except NotFoundError:
+            continue
+    return out
 
 
 def main() -> None:

@@ -37,6 +37,15 @@ options:
     description:
       - A catalog image or a recipe C(FAMILY:VERSION). Required to create the guest.
     type: str
+  host:
+    description:
+      - A registered libvirt host (C(osimg host add NAME URI), or a fleet spec's C(hosts)) to create the guest on,
+        as C(osimg guest create --host) does; the image must then be a catalog image, and it is uploaded to the
+        host through libvirt and verified there when the host lacks it.
+      - When omitted, a new guest is created on this machine's libvirt (O(uri)) with its files under O(home).
+      - A guest stays where it was created; an existing guest on another host than the one given makes the task
+        fail.
+    type: str
   memory:
     description:
       - Memory in MiB. Default is the image's.
@@ -177,6 +186,14 @@ EXAMPLES = r"""
     init_scripts:
       - echo configured >/var/log/hello
 
+- name: A guest on the registered host b (its files in b's storage pools, reached through libvirt)
+  osimg.virt.guest:
+    name: web2
+    state: running
+    image: app-v1
+    host: b
+    data_size: 64M
+
 - name: Remove it with its overlay, config drive and data volume
   osimg.virt.guest:
     name: web1
@@ -202,6 +219,10 @@ guest:
       description: The OS version of that image.
       type: str
       sample: v1
+    host:
+      description: The registered host it runs on (null for this machine's libvirt).
+      type: str
+      sample: b
     state:
       description: The libvirt domain state.
       type: str
@@ -238,7 +259,7 @@ from typing import Any
 from ansible_collections.osimg.virt.plugins.module_utils.common import new_module, run, size_bytes
 
 try:
-    from orchestrator import guests
+    from orchestrator import guests, hosts
     from orchestrator.customize import Customization, Mount, User
     from orchestrator.errors import ConflictError, NotFoundError, ValidationError
     from orchestrator.validate import name as valid_name
@@ -270,7 +291,8 @@ def differences(g: Any, params: dict[str, Any], data_size: int | None) -> list[s
 
 
 def describe(ctx: Any, g: Any, ready: float | None = None) -> dict[str, Any]:
-    return {"name": g.name, "image": g.image, "os_version": g.os_version, "state": guests.status(ctx, g),
+    return {"name": g.name, "image": g.image, "os_version": g.os_version, "host": g.host,
+            "state": guests.status(ctx, g),
             "accel": g.accel, "ssh_port": g.ssh_port, "app_port": g.app_port, "data_size": g.data_size,
             "ready_seconds": ready}
 
@@ -297,15 +319,18 @@ def ensure(module: Any, ctx: Any) -> dict[str, Any]:
             raise ValidationError(f"guest {name} does not exist; give an image to create it")
         custom = customization(p)
         if module.check_mode:
-            if ctx.hv.exists(name):
+            # an unregistered host fails here as in a real run
+            if hosts.context(ctx, p["host"]).hv.exists(name):
                 raise ConflictError(f"libvirt already has a domain named {name!r}; choose another guest name")
             return {"changed": True, "action": "created"}
         g = guests.create(ctx, name, p["image"], custom=custom, memory_mib=p["memory"], vcpus=p["vcpus"] or 1,
-                              data_size=data_size or 0)
+                              data_size=data_size or 0, host=p["host"])
         ready = guests.wait_ready(ctx, g, timeout=p["timeout"]) if p["wait"] else None
         return {"changed": True, "action": "created", "guest": describe(ctx, g, ready)}
 
     diffs = differences(g, p, data_size)
+    if p["host"] is not None and p["host"] != g.host:
+        diffs.append(f"host: {g.host or 'this machine'}, the task says {p['host']} (osimg does not move guests)")
     if diffs:
         raise ConflictError(f"guest {name} differs from the task ({'; '.join(diffs)}); nothing was changed: to "
                             f"recreate it, remove it first ('osimg guest rm {name}' or state=absent)")
@@ -319,7 +344,7 @@ def ensure(module: Any, ctx: Any) -> dict[str, Any]:
     if action == "unchanged" or module.check_mode:
         return {"changed": action != "unchanged", "action": action, "guest": describe(ctx, g)}
     if action == "resumed":
-        ctx.hv.resume(name)
+        g.at(ctx).hv.resume(name)
         ready = None
     else:
         guests.start(ctx, g)
@@ -333,6 +358,7 @@ def main() -> None:
             "name": {"type": "str", "required": True},
             "state": {"type": "str", "default": "present", "choices": ["present", "running", "absent"]},
             "image": {"type": "str"},
+            "host": {"type": "str"},
             "memory": {"type": "int"},
             "vcpus": {"type": "int"},
             "data_size": {"type": "str"},

@@ -16,6 +16,10 @@ description:
     a guest whose new OS fails its health check is rolled back to its old OS.
   - Guests go batch by batch (a batch in parallel); the rollout stops once O(max_failures) guests failed,
     and the guests after that are not attempted.
+  - Guests may live on several libvirt hosts (registered with C(osimg host add) or by a fleet spec's C(hosts));
+    O(per_host) limits how many guests of one host are swapped at once. When a host's libvirtd stops answering,
+    its guests fail or are skipped, the other hosts go on, and C(osimg swap --resume) finishes the rest once
+    the host is back.
   - Idempotent. Guests already on O(to_image) are not swapped again; when all are, the task reports no change.
   - The task fails when any guest fails (rolled back, refused or not attempted); the per-guest results are
     returned with the failure.
@@ -50,6 +54,12 @@ options:
       - Stop the rollout after this many failed guests.
     type: int
     default: 1
+  per_host:
+    description:
+      - At most this many guests of one libvirt host in a batch (C(osimg swap --per-host)); guests keep their
+        order as far as O(batch) and this limit allow. No limit but O(batch) when omitted.
+      - Guests created with no host count as one host (this machine).
+    type: int
 extends_documentation_fragment:
   - osimg.virt.common
   - ansible.builtin.action_common_attributes
@@ -77,6 +87,14 @@ EXAMPLES = r"""
     batch: 2
     max_failures: 1
   register: rollout
+
+- name: A fleet over two hosts, four guests at once but at most two of one host
+  osimg.virt.swap:
+    guests: "{{ fleet.names }}"
+    to_image: app-v2
+    batch: 4
+    per_host: 2
+    max_failures: 2
 
 - name: Show the downtime of each guest
   ansible.builtin.debug:
@@ -173,7 +191,7 @@ would_swap:
   elements: str
   sample: [web1, web2]
 batches:
-  description: The rollout's batches of guests (those not yet on O(to_image)).
+  description: The rollout's batches of guests (those not yet on O(to_image)), within O(batch) and O(per_host).
   returned: always
   type: list
   elements: list
@@ -187,6 +205,7 @@ from ansible_collections.osimg.virt.plugins.module_utils.common import TaskFaile
 
 try:
     from orchestrator import guests, swap
+    from orchestrator.swap.plan import batches as plan_batches
 except ImportError:
     pass  # new_module() fails the task with the import error
 
@@ -195,9 +214,9 @@ def rollout(module: Any, ctx: Any) -> dict[str, Any]:
     p = module.params
     target = p["to_image"]
     # every guest and the image are checked first, also those that need nothing
-    full = swap.plan(ctx, p["guests"], target, p["strategy"], p["batch"], p["max_failures"])
+    full = swap.plan(ctx, p["guests"], target, p["strategy"], p["batch"], p["max_failures"], p["per_host"])
     pending = [g for g in full.guests if guests.load(ctx, g).image != target]
-    plan = replace(full, guests=pending, batches=[pending[i:i + full.batch] for i in range(0, len(pending), full.batch)])
+    plan = replace(full, guests=pending, batches=plan_batches(pending, full.batch, full.per_host, full.hosts))
     out: dict[str, Any] = {"changed": bool(pending), "swapped": [], "failed_guests": [], "batches": plan.batches,
                            "unchanged": [g for g in full.guests if g not in pending]}
     if module.check_mode:
@@ -222,6 +241,7 @@ def main() -> None:
             "strategy": {"type": "str", "default": "warm", "choices": ["warm", "cold"]},
             "batch": {"type": "int", "default": 1},
             "max_failures": {"type": "int", "default": 1},
+            "per_host": {"type": "int"},
         },
     )
     run(module, lambda ctx: rollout(module, ctx))

@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""Several libvirt hosts (issue 18): image upload through libvirt vs a plain local copy, and a warm
+rollout of N guests on one host vs N/2 + N/2 on two hosts.
+
+    .venv/bin/python bench/hosts.py [--guests 8] [--reps 3] [--batch 2] [--json]
+
+A second libvirt host is started with ``scripts/second_host.sh`` (its own system-mode
+libvirtd in a private mount namespace, reached by its own URI) and registered as host ``b``; this
+machine's ``qemu:///system`` is registered as host ``a`` (with its files under the bench's home, so
+nothing is left in /var/lib/libvirt). Everything lives in the bench's own OSIMG_HOME under .cache/.
+
+(a) Upload. The golden image ``tiny:v1`` captured in the bench home (disk, memory state, kernel,
+initrd) goes to host ``b`` ``--reps`` times, the host's image pool removed before each run:
+- ``hosts.ship`` as the product does it (``Shipment.seconds``: the pool, every file uploaded with
+  ``virStorageVolUpload`` and its sha256 read back from the host's copy with ``virStorageVolDownload``);
+- the same steps timed apart by calling the Hypervisor's methods (pool, upload, verify);
+- a plain local copy of the same files into a folder on the same file system (``shutil.copyfile``,
+  and ``cp``), and the copy's sha256 read back (the local counterpart of the verify).
+The source files are in the page cache for every run; nothing is fsynced, neither by libvirtd nor by
+the copy. ``hosts.ship``'s time and the sum of the steps timed apart measure the same thing: their
+medians must agree within 0.05 s + 25% of the larger, else the bench says DISAGREE and exits 1.
+
+(b) Rollout. N tiny guests (256 MiB, 64 MiB data volume) are created with ``guests.create(host=)``
+all on host ``a``, rolled v1 -> v2 warm with ``swap.plan(..., batch=B)`` and ``swap.rollout``, and
+removed; then N/2 on ``a`` and N/2 on ``b`` (alternating, so every batch has one guest per host),
+rolled the same way with the same batch, and with ``per_host=1`` when ``swap.plan`` has it. v2 is
+shipped to both hosts before the rollouts, so they time the swaps alone. Each guest's application is
+watched by a host probe (a request every 250 ms) and its downtime must agree with the orchestrator's
+``SwapResult.downtime`` by swap_downtime.py's rule (probe interval + 20% of the larger), else the
+bench exits 1.
+
+On this machine both "hosts" share the same 2 cores, memory and disk: the two-host layout cannot be
+faster here beyond what parallel I/O and two libvirtds allow; on two real hosts each would have its
+own. The numbers are what they are.
+
+At the end every guest, pool and host record is removed and the second host stopped (the recipe's
+``stop``), also on failure or Ctrl-C. Run through ``guestlock``; about 6-8 minutes under TCG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from homes import bench_home
+from rich.console import Console
+from rich.table import Table
+from swap_downtime import MEASURED, Probe, Timeline, judge
+
+from orchestrator import guests, hosts, swap
+from orchestrator.context import Context
+from orchestrator.errors import OsimgError
+from orchestrator.images import catalog, lifecycle
+from orchestrator.settings import SOURCE_ROOT, qemu_gid
+
+MIB = 1 << 20
+RECIPE = SOURCE_ROOT / "scripts" / "second_host.sh"
+SHIP_SLACK, SHIP_SHARE = 0.05, 0.25  # ship's time and the steps timed apart agree within this
+PROBE_EVERY = 0.25  # 8 guests probed every 50 ms would load the 2 cores the swaps need
+NAN = float("nan")
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr if ARGS.json else sys.stdout, flush=True)
+
+
+# -- the second host ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def second_host(recipe: Path, folder: Path) -> Iterator[str]:
+    """A second libvirtd started with the recipe in ``folder``; yields its URI, stops it afterwards
+    (also when the start failed half-way) and waits until its daemons are gone."""
+    # the folders the recipe makes become the host's /var/lib/libvirt and /run/libvirt: QEMU's user must
+    # traverse them, and osimg's own umask (027, set by Context) would leave them closed to it
+    mask = os.umask(0o022)
+    try:
+        out = subprocess.run(["bash", str(recipe), "start", str(folder)], capture_output=True, text=True,
+                             timeout=120, check=False)
+        os.umask(mask)
+        if out.returncode != 0 or not out.stdout.strip():
+            raise SystemExit(f"second host did not start ({out.returncode}): {(out.stderr or out.stdout)[-400:]}")
+        yield out.stdout.strip().splitlines()[-1]
+    finally:
+        os.umask(mask)
+        pids = []
+        for f in ("run/libvirtd.pid", "run/virtlogd.pid", "unshare.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.append(int((folder / f).read_text().strip()))
+        subprocess.run(["bash", str(recipe), "stop", str(folder)], capture_output=True, timeout=60, check=False)
+        deadline = time.monotonic() + 20
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if alive(p)]
+            time.sleep(0.1)
+        if pids:
+            say(f"WARNING: the second host's daemons {pids} still run after its stop")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def forget(ctx: Context, host: str, image: str) -> None:
+    """The host no longer has the image: its pool there and the record of the shipment are gone."""
+    hosts.context(ctx, host).hv.pool_remove(hosts.pool_name(ctx, "i", image))
+    ctx.store.delete(hosts.SHIPPED, f"{host}.{image}")
+
+
+def cleanup(ctx: Context, names: list[str], host_names: list[str], images: list[str]) -> None:
+    """Every guest, pool and host record of the bench, whatever state a failure left them in."""
+    for n in names:
+        with contextlib.suppress(OsimgError):
+            guests.remove(ctx, n)
+    home = str(ctx.settings.home)
+    for h in host_names:
+        with contextlib.suppress(OsimgError):
+            hv = hosts.context(ctx, h).hv
+            for d in hv.list_domains():
+                if d.metadata.get("home") == home:
+                    hv.undefine(d.name)
+            for n in names:
+                hv.pool_remove(hosts.pool_name(ctx, "g", n))
+            for img in images:
+                hv.pool_remove(hosts.pool_name(ctx, "i", img))
+            hosts.remove(ctx, h, [])
+
+
+# -- (a) upload vs local copy ---------------------------------------------------------------------------
+def timed(fn: Any, *args: Any) -> float:
+    t = time.monotonic()
+    fn(*args)
+    return time.monotonic() - t
+
+
+def sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def upload_run(ctx: Context, host: str, image: str, reps: int) -> dict[str, Any]:
+    img = catalog.get(ctx, image)
+    src = catalog.image_dir(ctx, image)
+    files = sorted(img.files)
+    total = sum((src / f).stat().st_size for f in files)
+    hv = hosts.context(ctx, host).hv
+    pool = hosts.pool_name(ctx, "i", image)
+    where = hosts.folder(ctx, hosts.get(ctx, host), "i", image)
+    scratch = ctx.settings.home / "copy"
+    runs: dict[str, list[float]] = {k: [] for k in ("ship", "ship wall", "pool", "upload", "verify", "copyfile",
+                                                    "copy hash", "cp")}
+    say(f"[upload] {image}: {len(files)} files, {total / MIB:.1f} MiB "
+        f"({', '.join(f'{f} {(src / f).stat().st_size / MIB:.1f}' for f in files)} MiB), {reps} runs")
+    for rep in range(reps):
+        forget(ctx, host, image)
+        t = time.monotonic()
+        sh = hosts.ship(ctx, host, image)
+        runs["ship wall"].append(time.monotonic() - t)  # with the catalog's own hash check of the source
+        if sh.already or sh.bytes_sent != total:
+            raise SystemExit(f"ship sent {sh.bytes_sent} bytes (already: {sh.already}), expected {total}")
+        runs["ship"].append(sh.seconds)
+        forget(ctx, host, image)
+        runs["pool"].append(timed(hv.pool_ensure, pool, where, qemu_gid()))
+        up = ver = 0.0
+        for f in files:
+            up += timed(hv.vol_upload, pool, f, src / f)
+            h = hashlib.sha256()
+            ver += timed(hv.vol_download, pool, f, h.update)
+            if h.hexdigest() != img.files[f]:
+                raise SystemExit(f"{f} arrived on host {host} with another hash")
+        runs["upload"].append(up)
+        runs["verify"].append(ver)
+        scratch.mkdir(exist_ok=True)
+        try:
+            runs["copyfile"].append(sum(timed(shutil.copyfile, src / f, scratch / f) for f in files))
+            hashed = 0.0
+            for f in files:
+                t = time.monotonic()
+                if sha256_file(scratch / f) != img.files[f]:
+                    raise SystemExit(f"the local copy of {f} has another hash")
+                hashed += time.monotonic() - t
+            runs["copy hash"].append(hashed)
+            for f in files:
+                (scratch / f).unlink()
+            runs["cp"].append(timed(subprocess.run, ["cp", "--", *(str(src / f) for f in files), str(scratch)]))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        say(f"[upload] run {rep + 1}: ship {sh.seconds:.3f}s; apart: pool {runs['pool'][-1]:.3f}s, upload "
+            f"{up:.3f}s, verify {ver:.3f}s; local copyfile {runs['copyfile'][-1]:.3f}s, its hash "
+            f"{runs['copy hash'][-1]:.3f}s, cp {runs['cp'][-1]:.3f}s")
+    forget(ctx, host, image)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    apart = med["pool"] + med["upload"] + med["verify"]
+    agrees = abs(med["ship"] - apart) <= SHIP_SLACK + SHIP_SHARE * max(med["ship"], apart)
+    return {"image": image, "files": len(files), "mib": total / MIB, "runs": runs, "median": med,
+            "apart": apart, "agrees": agrees}
+
+
+# -- (b) rollout on one host vs two ---------------------------------------------------------------------
+def provision(ctx: Context, placed: dict[str, str], image: str) -> float:
+    t0 = time.monotonic()
+    for n, h in placed.items():
+        guests.create(ctx, n, image, data_size=64 << 20, host=h)
+    for n in placed:
+        g = guests.load(ctx, n)
+        guests.wait_ready(ctx, g, timeout=300)
+        if guests.wait_app(g.app_port, 120) is None:
+            raise SystemExit(f"{n}: application did not start")
+    return time.monotonic() - t0
+
+
+def rollout_run(ctx: Context, label: str, placed: dict[str, str], v1: str, v2: str, batch: int,
+                per_host: int | None) -> dict[str, Any]:
+    names = list(placed)
+    made: list[str] = []
+    try:
+        made.extend(names)
+        up = provision(ctx, placed, v1)
+        say(f"[{label}] {len(names)} guests ready on {v1} in {up:.1f}s: "
+            f"{', '.join(f'{n}@{h}' for n, h in placed.items())}")
+        kw = {"per_host": per_host} if per_host is not None else {}
+        p = swap.plan(ctx, names, v2, "warm", batch=batch, max_failures=len(names), **kw)
+        old = {n: guests.load(ctx, n).os_version for n in names}
+        tl = Timeline()
+        probes = {n: Probe(guests.load(ctx, n).app_port, PROBE_EVERY) for n in names}
+        for pr in probes.values():
+            pr.__enter__()
+        try:
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            results = swap.rollout(ctx, p, progress=tl)
+            wall = time.monotonic() - t0
+            end = time.monotonic()
+            for r in results:  # let each probe see the new OS answer a few times
+                while r.ok and probes[r.guest].answered_after(end, r.new_version or "?") < 3 \
+                        and time.monotonic() < end + 30:
+                    time.sleep(0.05)
+        finally:
+            for pr in probes.values():
+                pr.__exit__()
+        measured = [judge(label, r, probes[r.guest], tl, old[r.guest]) for r in results]
+        for n in names:
+            g = guests.load(ctx, n)
+            if g.image != v2:
+                say(f"[{label}] {n}: still on {g.image} after the rollout")
+        down = [m.orchestrator for m in measured if m.orchestrator is not None]
+        seen = [m.probe for m in measured if m.probe == m.probe]
+        say(f"[{label}] rollout of {len(names)} guests (batch {batch}, per host {per_host}): {wall:.1f}s, "
+            f"{sum(r.ok for r in results)} ok")
+        return {"layout": label, "guests": len(names), "hosts": sorted(set(placed.values())), "batch": batch,
+                "per_host": per_host, "wall": wall, "ok": sum(r.ok for r in results),
+                "downtime": down, "probe": seen, "provision": up,
+                "downtime_median": statistics.median(down) if down else NAN,
+                "probe_median": statistics.median(seen) if seen else NAN}
+    finally:
+        for n in made:
+            with contextlib.suppress(OsimgError):
+                guests.remove(ctx, n)
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def report(up: dict[str, Any] | None, roll: list[dict[str, Any]], cores: int) -> None:
+    con = Console(width=max(Console().width, 150))  # a log file is no 80-column terminal
+    if up is not None:
+        m, mib = up["median"], up["mib"]
+        t = Table(title=f"(a) {up['image']} ({up['files']} files, {mib:.1f} MiB) to host b, medians of "
+                        f"{len(up['runs']['ship'])} runs")
+        for c in ("way", "seconds", "MiB/s", "vs local copyfile"):
+            t.add_column(c, justify="left" if c == "way" else "right")
+        rows = [("hosts.ship (pool + upload + verify)", m["ship"]),
+                ("  timed apart: pool + upload + verify", up["apart"]),
+                ("  upload alone (virStorageVolUpload)", m["upload"]),
+                ("  verify alone (virStorageVolDownload + sha256)", m["verify"]),
+                ("local shutil.copyfile", m["copyfile"]),
+                ("local cp", m["cp"]),
+                ("local copyfile + sha256 of the copy", m["copyfile"] + m["copy hash"])]
+        for label, s in rows:
+            t.add_row(label, f"{s:.3f}", f"{mib / s:.0f}", f"{s / m['copyfile']:.2f}x")
+        con.print(t)
+        con.print(f"ratios: upload/copyfile {m['upload'] / m['copyfile']:.2f}, upload throughput "
+                  f"{(mib / m['upload']) / (mib / m['copyfile']):.2f} of the local copy's; ship/(copy + hash) "
+                  f"{m['ship'] / (m['copyfile'] + m['copy hash']):.2f}; verify share of ship "
+                  f"{m['verify'] / m['ship']:.2f}")
+        verdict = "agree" if up["agrees"] else "DISAGREE"
+        con.print(f"hosts.ship {m['ship']:.3f}s vs the steps timed apart {up['apart']:.3f}s: {verdict} "
+                  f"(tolerance {SHIP_SLACK}s + {SHIP_SHARE:.0%} of the larger)")
+    if roll:
+        t = Table(title="(b) warm rollout v1 -> v2 (seconds; downtime: per-guest medians)")
+        for c in ("layout", "guests", "batch", "per host", "rollout wall", "downtime (orchestrator)",
+                  "downtime (probe)", "ok"):
+            t.add_column(c, justify="left" if c == "layout" else "right")
+        for r in roll:
+            t.add_row(r["layout"], str(r["guests"]), str(r["batch"]), str(r["per_host"] or "-"), f"{r['wall']:.1f}",
+                      f"{r['downtime_median']:.2f}", f"{r['probe_median']:.2f}", f"{r['ok']}/{r['guests']}")
+        con.print(t)
+        if len(roll) == 2:
+            one, two = roll
+            con.print(f"ratios two hosts / one host: rollout wall {two['wall'] / one['wall']:.2f}, per-guest downtime "
+                      f"{two['downtime_median'] / one['downtime_median']:.2f}")
+        con.print(f"both hosts run on this machine's {cores} cores, memory and disk: the two-host layout cannot be "
+                  "faster here beyond what parallel I/O and a second libvirtd allow")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--guests", type=int, default=8, help="guests per rollout (even, at least 2)")
+    ap.add_argument("--reps", type=int, default=3, help="upload runs")
+    ap.add_argument("--batch", type=int, default=2, help="guests swapped at once in both layouts")
+    ap.add_argument("--no-upload", action="store_true")
+    ap.add_argument("--no-rollout", action="store_true")
+    ap.add_argument("--recipe", type=Path, default=RECIPE, help="the second host's start/stop script")
+    ap.add_argument("--json", action="store_true", help="print the measurements as JSON (progress goes to stderr)")
+    global ARGS
+    ARGS = a = ap.parse_args()
+    if a.guests < 2 or a.guests % 2 or a.reps < 1:
+        ap.error("--guests must be even and at least 2, --reps at least 1")
+    if not a.recipe.is_file():
+        ap.error(f"no second-host recipe at {a.recipe} (--recipe)")
+    per_host = 1 if "per_host" in inspect.signature(swap.plan).parameters else None
+    tag = f"h{uuid.uuid4().hex[:4]}"
+    up: dict[str, Any] | None = None
+    roll: list[dict[str, Any]] = []
+    t_all = time.monotonic()
+    with bench_home(f"bench-hosts-{tag}") as ctx:
+        home = ctx.settings.home
+        v1, v2 = f"{tag}-v1", f"{tag}-v2"
+        names = [f"{tag}-o{i}" for i in range(a.guests)] + [f"{tag}-t{i}" for i in range(a.guests)]
+        with second_host(a.recipe, home / "host-b") as uri_b:
+            try:
+                say(f"accelerator: {ctx.accel.label}; second host: {uri_b}")
+                hosts.add(ctx, "a", "qemu:///system", root=str(home / "host-a"))
+                hosts.add(ctx, "b", uri_b)
+                t = time.monotonic()
+                lifecycle.build(ctx, v1, "tiny:v1", boot_timeout=300)
+                if not a.no_rollout:
+                    lifecycle.build(ctx, v2, "tiny:v2", boot_timeout=300)
+                say(f"golden images built in {time.monotonic() - t:.1f}s")
+                if not a.no_upload:
+                    up = upload_run(ctx, "b", v1, a.reps)
+                if not a.no_rollout:
+                    for h in ("a", "b"):
+                        say(f"[ship] {v2} to {h}: {hosts.ship(ctx, h, v2).seconds:.2f}s")
+                    half = a.guests // 2
+                    one = {f"{tag}-o{i}": "a" for i in range(a.guests)}
+                    two = {f"{tag}-t{i}": ("a" if i % 2 == 0 else "b") for i in range(a.guests)}
+                    roll.append(rollout_run(ctx, "one host", one, v1, v2, a.batch, None))
+                    roll.append(rollout_run(ctx, f"two hosts {half}+{half}", two, v1, v2, a.batch, per_host))
+            finally:
+                cleanup(ctx, names, ["a", "b"], [v1, v2])
+    total = time.monotonic() - t_all
+    bad = [m for m in MEASURED if not m.agrees]
+    if a.json:
+        print(json.dumps({"upload": up, "rollout": roll, "seconds": total,
+                          "disagree": [m.guest for m in bad]}, indent=2, default=str))
+    else:
+        report(up, roll, os.cpu_count() or 0)
+        print(f"\nprobe vs orchestrator: {len(MEASURED) - len(bad)} of {len(MEASURED)} swaps agree; whole run "
+              f"{total:.0f}s")
+    for m in bad:
+        say(f"  DISAGREE {m.family} {m.guest}: probe {m.probe:.3f}s vs orchestrator {m.orchestrator}s")
+    if up is not None and not up["agrees"]:
+        say("  DISAGREE upload: hosts.ship vs the same steps timed apart")
+    return 1 if bad or (up is not None and not up["agrees"]) else 0
+
+
+ARGS: argparse.Namespace
+
+if __name__ == "__main__":
+    sys.exit(main())
