@@ -22,7 +22,9 @@ import requests
 from orchestrator.cluster import ClusterStore, open_store
 
 ETCD_SH = Path(__file__).resolve().parent.parent / "scripts" / "etcd.sh"
-BACKENDS = ["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)]
+# "etcd-cluster": the same store suite through a URL naming all three members of a cluster.
+BACKENDS = ["sqlite", pytest.param("etcd", marks=pytest.mark.etcd),
+            pytest.param("etcd-cluster", marks=pytest.mark.etcd)]
 
 
 def free_ports(count: int) -> list[int]:
@@ -225,10 +227,14 @@ def etcd_cluster(etcd_cluster_session: EtcdCluster) -> Iterator[EtcdCluster]:
 
 @pytest.fixture(params=BACKENDS)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL of an empty store: a new SQLite file, or a new key prefix in the session's etcd."""
+    """A URL of an empty store: a new SQLite file, or a new key prefix in the session's etcd or etcd cluster."""
     if request.param == "sqlite":
         return f"sqlite://{tmp_path / 'cluster.sqlite'}"
-    return f"{request.getfixturevalue('etcd_url')}/test-{uuid.uuid4().hex[:12]}"
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    if request.param == "etcd-cluster":
+        cluster: EtcdCluster = request.getfixturevalue("etcd_cluster")
+        return cluster.store_url(prefix)
+    return f"{request.getfixturevalue('etcd_url')}/{prefix}"
 
 
 @pytest.fixture
