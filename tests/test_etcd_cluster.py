@@ -43,6 +43,12 @@ def _timed(calls: dict[str, float], what: str, fn: Callable[..., Any], *args: ob
     return result
 
 
+def _osimg(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI, as a user runs it, with a home of its own."""
+    return subprocess.run([str(Path(sys.executable).parent / "osimg"), "--home", str(tmp_path / "home"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize("lost", ["in-use", "leader"])
 def test_losing_one_member_of_three_changes_nothing(etcd_cluster: EtcdCluster, lost: str, tmp_path: Path) -> None:
     """SIGKILL the member this client talks to (its watch too), or the cluster's leader, while a
@@ -81,6 +87,8 @@ def test_losing_one_member_of_three_changes_nothing(etcd_cluster: EtcdCluster, l
                 assert store.lock_holder("swap-g1") == "rollout-a"
                 assert [(n.name, n.state) for n in store.nodes()] == [("vios-a", "alive")]
                 assert store.heartbeat(agent.node_id)
+                cli = _osimg(tmp_path, "--store", etcd_cluster.store_url(prefix), "image", "list", "--json")
+                assert cli.returncode == 0 and cli.stdout.strip() == "[]", cli.stderr
         finally:
             sub.close()
             agent.stop()
@@ -176,8 +184,7 @@ def test_losing_two_members_of_three_stops_calls_with_one_line(etcd_cluster: Etc
                     assert f"{etcd_cluster.address(member)}: connection refused" in message
                 assert "start the etcd members (a majority must run)" in message
             t0 = time.monotonic()
-            cli = subprocess.run([str(Path(sys.executable).parent / "osimg"), "--home", str(tmp_path / "home"),
-                                  "--store", url, "image", "list"], capture_output=True, text=True, timeout=60)
+            cli = _osimg(tmp_path, "--store", url, "image", "list")
             cli_took = time.monotonic() - t0
             assert cli.returncode == 9, (cli.returncode, cli.stderr)
             assert "Traceback" not in cli.stdout + cli.stderr
