@@ -283,7 +283,7 @@ def dropper(plain_etcd: int) -> Iterator[tuple[AnswerDropper, str]]:
 def test_an_update_whose_answer_was_lost_is_applied_once(dropper: tuple[AnswerDropper, str]) -> None:
     """The transaction lands, its answer is lost, the client asks the next member: the nonce tells
     the repeat that the first attempt landed, so the increment counts once and compare_and_put
-    reports its own write as done."""
+    reports its own write as done; an event is published once."""
     proxy, url = dropper
     with open_store(url) as store:
         store.put("counter", "c", {"n": 0})
@@ -297,6 +297,13 @@ def test_an_update_whose_answer_was_lost_is_applied_once(dropper: tuple[AnswerDr
         proxy.armed.set()
         assert store.compare_and_put("counter", "c", {"n": 5}, revision), "its own write counted as someone else's"
         assert proxy.dropped == 2 and store.get("counter", "c") == {"n": 5}
+    with open_store(url) as store, store.subscribe() as sub:
+        proxy.armed.set()
+        published = store.publish(Event(LIFECYCLE, "swapped", "guest/g1"))
+        assert proxy.dropped == 3
+        got = sub.get(timeout=5)
+        assert got is not None and got.seq == published.seq
+        assert sub.get(timeout=0.5) is None, "the event was published twice"
 
 
 def test_a_registration_or_lock_whose_answer_was_lost_is_ours(dropper: tuple[AnswerDropper, str]) -> None:
