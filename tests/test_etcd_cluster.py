@@ -4,7 +4,9 @@ Losing one member of three must change nothing: every kind of call osimg makes (
 updates, locks and their refresh thread, events and their watch, node registration and its
 heartbeats) goes on through the two others, and the lost member catches up once restarted. Losing
 two must stop every call within the store timeout with one line that names the members and the fix,
-write nothing, and the CLI must say so in one line with the cluster store's exit code.
+write nothing, and the CLI must say so in one line with the cluster store's exit code. A write
+whose answer is lost (its member died after the cluster applied it) and which is sent again to the
+next member must count once.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ pytestmark = pytest.mark.etcd
 
 # A leader's loss costs an election (1-2 s with etcd's defaults) plus a member's share of the timeout.
 ONE_LOST_BOUND = 5.0
-# Lock and node ttl: a refresh runs every ttl/3 and may take ONE_LOST_BOUND's ~2 s during an election;
-# the swap lock's is 10 s. With 2 s the refresher would rightly call a lock it could not renew in time lost.
+# Lock and node ttl: a refresh runs every ttl/3 and may take ~2 s during an election, so a 2 s ttl
+# leaves no margin (the refresher then rightly calls the lock lost); the swap lock's is 10 s.
 TTL = 5.0
 
 
