@@ -15,9 +15,9 @@ while answering may have been applied and is sent again to the next member. A co
 record write (``update``, ``compare_and_put``) carries a nonce written in the same transaction, so
 its repeat tells "my first attempt landed" from "someone else wrote": ``update``'s function does
 not run twice for one write (unless another writer changed the record between the two attempts:
-then the nonce is gone and the first attempt counts as lost). Other writes are harmless to repeat:
-a put writes the same value, an ID counter skips an ID, a lock or registration transaction re-reads
-and converges.
+then the nonce is gone and the first attempt counts as lost). An event is created only if absent,
+so a repeat finds it instead of publishing it twice. Other writes are harmless to repeat: a put
+writes the same value, an ID counter skips an ID, a lock or registration recognises its own lease.
 
 Keys under the prefix (``/osimg`` by default)::
 
@@ -617,8 +617,12 @@ class EtcdStore(ClusterStore):
     # -- events ----------------------------------------------------------------------------------
 
     def _publish(self, event: Event) -> int:
-        put = _put(self._key("events", uuid.uuid4().hex), json.dumps(event.to_json(), sort_keys=True))
-        return int(self._call("kv/put", put["request_put"])["header"]["revision"])
+        # Create-only: a repeat after a member died before answering finds the event already there
+        # (and its sequence number) instead of publishing it a second time.
+        key = self._key("events", uuid.uuid4().hex)
+        text = json.dumps(event.to_json(), sort_keys=True)
+        ok, seen, revision = self._transact([_compare(key, "CREATE", "EQUAL", 0)], [_put(key, text)], [_range(key)])
+        return revision if ok else seen[0][0].mod
 
     def _subscribe(self, event_filter: EventFilter, after: int | None) -> Subscription:
         if after is None:
