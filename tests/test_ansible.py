@@ -274,9 +274,11 @@ def test_several_hosts_playbook(ctx: Context, host_b: str) -> None:
             assert hosts.context(ctx, placed[n]).hv.state(n) == "running", f"{n} is not running on {placed[n]}"
         assert v1 in hosts.shipped(ctx, b), "the image was not uploaded to the second host's pool"
 
-        status, res = ansible_module("osimg.virt.swap", {"guests": names, "to_image": v2, "batch": 2, "per_host": 1,
+        # ordered host by host, batch 2 alone would pair two guests of one host: per_host 1 must not
+        by_host = sorted(names, key=lambda n: (str(placed[n]), n))
+        status, res = ansible_module("osimg.virt.swap", {"guests": by_host, "to_image": v2, "batch": 2, "per_host": 1,
                                                          "home": str(HOME)}, "--check")
-        assert status == "CHANGED" and res["would_swap"] == names, res
+        assert status == "CHANGED" and res["would_swap"] == by_host, res
         assert all(len({placed[g] for g in batch}) == len(batch) for batch in res["batches"]), res["batches"]
         assert max(len(batch) for batch in res["batches"]) == 2, res["batches"]
 
