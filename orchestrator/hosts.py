@@ -101,7 +101,11 @@ def add(ctx: Context, name: str, uri: str, root: str = DEFAULT_ROOT, accel: str 
                                 f"('osimg host rm {name}')")
     if len(ctx.store.items(KIND)) >= MAX_HOSTS and old is None:
         raise ValidationError(f"at most {MAX_HOSTS} hosts can be registered")
-    Hypervisor(h.uri, home=str(ctx.settings.home)).versions()  # reachable, or a one-line error
+    probe = Hypervisor(h.uri, home=str(ctx.settings.home))
+    try:
+        probe.versions()  # reachable, or a one-line error
+    finally:
+        probe.close()
     ctx.store.put(KIND, name, asdict(h))
     return h
 

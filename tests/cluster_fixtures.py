@@ -7,8 +7,10 @@ Kept out of conftest.py (which belongs to the whole test suite) and imported by 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +22,9 @@ import requests
 from orchestrator.cluster import ClusterStore, open_store
 
 ETCD_SH = Path(__file__).resolve().parent.parent / "scripts" / "etcd.sh"
-BACKENDS = ["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)]
+# "etcd-cluster": the same store suite through a URL naming all three members of a cluster.
+BACKENDS = ["sqlite", pytest.param("etcd", marks=pytest.mark.etcd),
+            pytest.param("etcd-cluster", marks=pytest.mark.etcd)]
 
 
 def free_ports(count: int) -> list[int]:
@@ -40,6 +44,24 @@ def install_etcd() -> None:
     installed = subprocess.run([ETCD_SH, "install"], capture_output=True, text=True, timeout=600)
     if installed.returncode != 0:
         pytest.skip(f"etcd could not be installed from Debian packages: {installed.stderr.strip()}")
+
+
+def lasting_ports(count: int) -> list[int]:
+    """Free ports outside the kernel's ephemeral range: a killed etcd member must get its ports back
+    when it restarts, and a port from that range may meanwhile be any outgoing connection's."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    candidates = [p for p in range(20000, 32768) if not low <= p <= high] or list(range(high + 1, 65536))
+    found: list[int] = []
+    for port in random.sample(candidates, len(candidates)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise AssertionError(f"no {count} free ports outside the ephemeral range {low}-{high}")
 
 
 @pytest.fixture(scope="session")
@@ -135,8 +157,9 @@ class EtcdCluster:
 
     def start(self, member: int) -> None:
         """Start a stopped member again; returns once it serves (it rejoins from its data folder)."""
-        subprocess.run([ETCD_SH, "member-start", str(self.dir), str(member)], check=True, capture_output=True,
-                       timeout=60)
+        started = subprocess.run([ETCD_SH, "member-start", str(self.dir), str(member)], capture_output=True,
+                                 text=True, timeout=60)
+        assert started.returncode == 0, f"etcd member {member} did not start again: {started.stderr.strip()}"
 
     def revive(self) -> None:
         """Start every member that is not running (after a test killed some)."""
@@ -144,21 +167,32 @@ class EtcdCluster:
             if not self.running(member):
                 self.start(member)
 
-    def leader(self) -> int:
-        """The number of the member that leads the cluster now (asked of each running member)."""
-        ids: dict[str, int] = {}
-        leader = ""
+    def leader(self, wait: float = 10.0) -> int:
+        """The number of the member that leads the cluster now (asked of each running member),
+        waiting up to ``wait`` seconds while an election is under way."""
+        deadline = time.monotonic() + wait
         with requests.Session() as s:
             s.trust_env = False
             s.verify = str(self.pki / "ca.crt")
             s.cert = (str(self.pki / "client.crt"), str(self.pki / "client.key"))
-            for member in self.numbers:
-                if not self.running(member):
-                    continue
-                status = s.post(f"https://{self.address(member)}/v3/maintenance/status", json={}, timeout=5).json()
-                ids[status["header"]["member_id"]] = member
-                leader = status.get("leader", leader)
-        return ids[leader]
+            while True:
+                ids: dict[str, int] = {}
+                leaders = set()
+                for member in self.numbers:
+                    if not self.running(member):
+                        continue
+                    try:
+                        status = s.post(f"https://{self.address(member)}/v3/maintenance/status", json={},
+                                        timeout=2).json()
+                    except requests.RequestException:
+                        continue
+                    ids[status["header"]["member_id"]] = member
+                    leaders.add(status.get("leader", "0"))
+                if len(leaders) == 1 and (leader := leaders.pop()) in ids:
+                    return ids[leader]
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no leader agreed on by the etcd members within {wait:g} s")
+                time.sleep(0.1)
 
     def stop(self) -> None:
         subprocess.run([ETCD_SH, "cluster-stop", str(self.dir)], check=True, timeout=60)
@@ -169,7 +203,7 @@ class EtcdCluster:
 @pytest.fixture(scope="session")
 def etcd_cluster_session(tmp_path_factory: pytest.TempPathFactory, etcd_pki: Path) -> Iterator[EtcdCluster]:
     """The session's 3-member cluster; tests use ``etcd_cluster``, which revives killed members."""
-    ports = free_ports(6)
+    ports = lasting_ports(6)
     cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-cluster"), ports[:3], etcd_pki)
     started = subprocess.run([ETCD_SH, "cluster-start", str(cluster.dir), str(etcd_pki), *map(str, ports)],
                              capture_output=True, text=True, timeout=120)
@@ -193,10 +227,14 @@ def etcd_cluster(etcd_cluster_session: EtcdCluster) -> Iterator[EtcdCluster]:
 
 @pytest.fixture(params=BACKENDS)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL of an empty store: a new SQLite file, or a new key prefix in the session's etcd."""
+    """A URL of an empty store: a new SQLite file, or a new key prefix in the session's etcd or etcd cluster."""
     if request.param == "sqlite":
         return f"sqlite://{tmp_path / 'cluster.sqlite'}"
-    return f"{request.getfixturevalue('etcd_url')}/test-{uuid.uuid4().hex[:12]}"
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    if request.param == "etcd-cluster":
+        cluster: EtcdCluster = request.getfixturevalue("etcd_cluster")
+        return cluster.store_url(prefix)
+    return f"{request.getfixturevalue('etcd_url')}/{prefix}"
 
 
 @pytest.fixture

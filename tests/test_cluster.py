@@ -26,6 +26,7 @@ from orchestrator.cluster import (
     Subscription,
     open_store,
 )
+from orchestrator.cluster.etcd import EtcdStore
 from orchestrator.context import Context
 from orchestrator.errors import ClusterError, ConflictError, LeaseLostError, NotFoundError, ValidationError
 from orchestrator.swap import journal
@@ -418,6 +419,37 @@ def test_open_store_urls(tmp_path: Path) -> None:
     for bad in ["", "sqlite://", "mysql://db/x", "etcd://127.0.0.1", "etcd://127.0.0.1:2379/../x"]:
         with pytest.raises(ValidationError):
             open_store(bad)
+
+
+def test_etcd_urls_name_several_members() -> None:
+    url = "etcd://127.0.0.1:2379,etcd-b.example:2380,[::1]:2381/site-a"
+    with open_store(url) as cluster:
+        assert cluster.url == url
+        assert isinstance(cluster, EtcdStore) and cluster.members == ("127.0.0.1:2379", "etcd-b.example:2380",
+                                                                       "[::1]:2381")
+        assert cluster.current_member == "127.0.0.1:2379"
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("etcd://127.0.0.1:2379,127.0.0.1", "member '127.0.0.1' is not HOST:PORT"),
+    ("etcd://127.0.0.1:2379,,127.0.0.1:2380", "member '' is not HOST:PORT"),
+    ("etcd://127.0.0.1:0", "port '0' is not a number in 1..65535"),
+    ("etcd://127.0.0.1:65536", "port '65536' is not a number in 1..65535"),
+    ("etcd://127.0.0.1:-1", "port '-1' is not a number in 1..65535"),
+    ("etcd://127.0.0.1:" + "9" * 5000, "is not a number in 1..65535"),
+    ("etcd://a:1,b:2,a:1", "member 'a:1' named twice"),
+    ("etcd://" + ",".join(f"h{i}:2379" for i in range(10)), "10 members, at most 9"),
+    ("etcd://300.1.1.1:2379", "'300.1.1.1' is not an IP address"),
+    ("etcd://bad_host:2379", "'bad_host' is not a host name"),
+    ("etcd://" + "h" * 5000 + ":2379", "is not a host name"),
+    ("etcd://user@127.0.0.1:2379", "expected etcd://HOST:PORT[,HOST:PORT...][/prefix]"),
+    ("etcd://127.0.0.1:2379?pki=/x", "options need etcds://"),
+])
+def test_bad_etcd_member_lists_are_refused_in_one_short_line(url: str, says: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        open_store(url)
+    message = str(raised.value)
+    assert says in message and "\n" not in message and len(message) < 300, message
 
 
 # -- the swap journal and lock on each backend -----------------------------------------------------------

@@ -27,7 +27,7 @@ from orchestrator.context import Context
 from orchestrator.fleet import reconcile
 from orchestrator.fleet import spec as fleetspec
 from orchestrator.host.libvirt import Hypervisor
-from orchestrator.images import catalog, lifecycle
+from orchestrator.images import catalog
 from orchestrator.settings import SOURCE_ROOT
 
 from .conftest import HOME, RUN_ID, gname
@@ -120,12 +120,18 @@ def _inside(ctx: Context, name: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def fleet(second_host: SecondHost, etcd_cluster_session: EtcdCluster) -> Iterator[Fleet]:
-    """Four tiny guests from one spec over two hosts (placed by osimg), golden v1 and v2, the
-    store on the 3-member etcd cluster."""
+def fleet(ctx: Context, second_host: SecondHost, etcd_cluster_session: EtcdCluster, gold_v1: str,
+          gold_v2: str) -> Iterator[Fleet]:
+    """Four tiny guests from one spec over two hosts (placed by osimg), the session's golden v1 and
+    v2, the store on the 3-member etcd cluster."""
     etcd_cluster_session.revive()
+    session_ctx = ctx
     ctx = Context.from_env(home=str(HOME), store=etcd_cluster_session.store_url(f"hosts-{RUN_ID}"))
-    v1, v2 = f"h{RUN_ID}-v1", f"h{RUN_ID}-v2"
+    v1, v2 = gold_v1, gold_v2
+    for img in (v1, v2):  # the session's images, in this store's catalog too (their files are shared)
+        rec = session_ctx.store.get(catalog.KIND, img)
+        assert rec is not None
+        ctx.store.put(catalog.KIND, img, rec)
     names = [gname(f"h{i}") for i in range(1, 5)]
     path = HOME / f"hosts-{RUN_ID}.yaml"
     path.write_text(yaml.safe_dump({
@@ -135,8 +141,6 @@ def fleet(second_host: SecondHost, etcd_cluster_session: EtcdCluster) -> Iterato
         "guests": [{"name": n, "hostname": f"h{i}"} for i, n in enumerate(names, 1)],
     }))
     try:
-        lifecycle.build(ctx, v1, "tiny:v1")
-        lifecycle.build(ctx, v2, "tiny:v2")
         spec = fleetspec.load(path, ctx)
         reconcile.up(ctx, spec)
         markers = {}
@@ -153,16 +157,11 @@ def fleet(second_host: SecondHost, etcd_cluster_session: EtcdCluster) -> Iterato
                 guests.remove(ctx, n)
             except Exception as err:  # the others still go
                 print(f"cleanup of {n}: {err}")
-        for h in ("a", "b"):
+        for h in ("a", "b"):  # with the images' pools there (the session's images stay)
             try:
                 hosts.remove(ctx, h, [])
             except Exception as err:
                 print(f"cleanup of host {h}: {err}")
-        for img in (v2, v1):
-            try:
-                lifecycle.remove(ctx, img)
-            except Exception as err:
-                print(f"cleanup of image {img}: {err}")
         ctx.close()
 
 

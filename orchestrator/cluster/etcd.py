@@ -15,9 +15,9 @@ while answering may have been applied and is sent again to the next member. A co
 record write (``update``, ``compare_and_put``) carries a nonce written in the same transaction, so
 its repeat tells "my first attempt landed" from "someone else wrote": ``update``'s function does
 not run twice for one write (unless another writer changed the record between the two attempts:
-then the nonce is gone and the first attempt counts as lost). Other writes are harmless to repeat:
-a put writes the same value, an ID counter skips an ID, a lock or registration transaction re-reads
-and converges.
+then the nonce is gone and the first attempt counts as lost). An event is created only if absent,
+so a repeat finds it instead of publishing it twice. Other writes are harmless to repeat: a put
+writes the same value, an ID counter skips an ID, a lock or registration recognises its own lease.
 
 Keys under the prefix (``/osimg`` by default)::
 
@@ -174,6 +174,8 @@ class EtcdStore(ClusterStore):
         self._prefix = prefix
         self._timeout = timeout
         self._tls = tls_files(pki) if pki else None
+        # one member: nobody else to ask, so it gets the whole timeout
+        self._attempt = timeout if len(members) == 1 else max(timeout / len(members) / 2, MEMBER_MIN_WAIT)
         self._session = self.session()
         # The member that answered last: calls go there first. A plain int: threads may race on it
         # harmlessly, each write is atomic and any value is a valid start.
@@ -230,7 +232,7 @@ class EtcdStore(ClusterStore):
                 remaining = deadline - time.monotonic()
                 if index in broken or remaining <= 0:
                     continue
-                wait = min(remaining, max(self._timeout / len(self.members) / 2, MEMBER_MIN_WAIT))
+                wait = min(remaining, self._attempt)
                 try:
                     response = self._session.post(self.member_url(index, endpoint), json=payload, timeout=wait)
                 except requests.exceptions.SSLError as err:
@@ -403,7 +405,8 @@ class EtcdStore(ClusterStore):
                 [_put(key, json.dumps({"holder": holder}), lease)],
                 [_range(key)],
             )
-            if ok:
+            # on our own lease: this write landed in an attempt cut off by a dying member
+            if ok or (seen[0] and seen[0][0].lease == lease):
                 return holder
             self._revoke(lease)
             (kvs,) = seen
@@ -433,6 +436,8 @@ class EtcdStore(ClusterStore):
                     records, alive = self._read(
                         _range(self._key("nodes", node_id)), _range(self._key("alive", node_id))
                     )
+                    if alive and alive[0].lease == lease:  # ours, from an attempt cut off by a dying member
+                        return self._node(records[0])
                     if alive:
                         raise ConflictError(
                             f"node {name} is already registered as node {node_id} with a live lease; a restarted "
@@ -612,8 +617,12 @@ class EtcdStore(ClusterStore):
     # -- events ----------------------------------------------------------------------------------
 
     def _publish(self, event: Event) -> int:
-        put = _put(self._key("events", uuid.uuid4().hex), json.dumps(event.to_json(), sort_keys=True))
-        return int(self._call("kv/put", put["request_put"])["header"]["revision"])
+        # Create-only: a repeat after a member died before answering finds the event already there
+        # (and its sequence number) instead of publishing it a second time.
+        key = self._key("events", uuid.uuid4().hex)
+        text = json.dumps(event.to_json(), sort_keys=True)
+        ok, seen, revision = self._transact([_compare(key, "CREATE", "EQUAL", 0)], [_put(key, text)], [_range(key)])
+        return revision if ok else seen[0][0].mod
 
     def _subscribe(self, event_filter: EventFilter, after: int | None) -> Subscription:
         if after is None:
@@ -740,7 +749,7 @@ class EtcdSubscription(Subscription):
             try:
                 with socket.socket(fileno=os.dup(response.raw.fileno())) as sock:
                     sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):  # the response may be closed already
                 pass
         self._queue.put([])
         self._thread.join(timeout=self._store.timeout)
