@@ -17,8 +17,10 @@ initrd) goes to host ``b`` ``--reps`` times, the host's image pool removed befor
 - a plain local copy of the same files into a folder on the same file system (``shutil.copyfile``,
   and ``cp``), and the copy's sha256 read back (the local counterpart of the verify).
 The source files are in the page cache for every run; nothing is fsynced, neither by libvirtd nor by
-the copy. ``hosts.ship``'s time and the sum of the steps timed apart measure the same thing: their
-medians must agree within 0.05 s + 25% of the larger, else the bench says DISAGREE and exits 1.
+the copy. ``hosts.ship``'s time and the sum of the steps timed apart measure the same thing (ship's
+also holds its record's write to the store, and in its first run the host root's folder): their
+medians must agree within 0.05 s + 25% of the larger, else the bench says DISAGREE and exits 1 (with
+``--reps 1`` a single slow store write can do that on a loaded host).
 
 (b) Rollout. N tiny guests (256 MiB, 64 MiB data volume) are created with ``guests.create(host=)``
 all on host ``a``, rolled v1 -> v2 warm with ``swap.plan(..., batch=B)`` and ``swap.rollout``, and
