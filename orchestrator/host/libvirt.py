@@ -97,11 +97,12 @@ class Hypervisor:
         def fmt(v: int) -> str:
             return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
 
-        return {
-            "libvirt": fmt(self.conn.getLibVersion()),
-            "hypervisor": f"{self.conn.getType()} {fmt(self.conn.getVersion())}",
-            "uri": self.conn.getURI(),
-        }
+        with self._calling("asking libvirtd its versions"):
+            return {
+                "libvirt": fmt(self.conn.getLibVersion()),
+                "hypervisor": f"{self.conn.getType()} {fmt(self.conn.getVersion())}",
+                "uri": self.conn.getURI(),
+            }
 
     def _lookup(self, name: str) -> libvirt.virDomain:
         """``lookupByName``, once more over a new connection if libvirtd went away under the old one
