@@ -254,13 +254,15 @@ def host_b() -> Iterator[str]:
         subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False, timeout=60)
 
 
-def test_several_hosts_playbook(ctx: Context, host_b: str) -> None:
+def test_several_hosts_playbook(ctx: Context, host_b: str, gold_v1: str, gold_v2: str) -> None:
     """playbooks/several_hosts.yml: a fleet of 4 over this machine's libvirtd and a second one, two
-    guests placed by the spec and two by osimg, rolled to v2 with batch 2 and per_host 1."""
+    guests placed by the spec and two by osimg, rolled to v2 with batch 2 and per_host 1. The
+    images are the session's golden ones (built from the recipes the playbook names, so its image
+    tasks find them made the same way and leave them)."""
     t0 = time.monotonic()
     a, b, fleet = f"ha{RUN_ID}", f"hb{RUN_ID}", f"s{RUN_ID}"
     names = [f"{fleet}-{i}" for i in range(1, 5)]
-    v1, v2 = f"s{RUN_ID}-v1", f"s{RUN_ID}-v2"
+    v1, v2 = gold_v1, gold_v2
     spec = HOME / f"fleet-{fleet}.yml"
     extra = {"osimg_home": str(HOME), "image_v1": v1, "image_v2": v2, "fleet_name": fleet, "fleet_spec": str(spec),
              "host_a_name": a, "host_b_name": b, "host_b_uri": host_b, "host_a_root": str(HOME / "host-a")}
@@ -298,10 +300,7 @@ def test_several_hosts_playbook(ctx: Context, host_b: str) -> None:
         for n in names:
             with contextlib.suppress(OsimgError):
                 guests.remove(ctx, n)
-        for h in (a, b):
+        for h in (a, b):  # with the images' pools there; the session's images stay
             with contextlib.suppress(OsimgError):
                 hosts.remove(ctx, h, [])
-        for img in (v2, v1):
-            with contextlib.suppress(OsimgError):
-                lifecycle.remove(ctx, img)
     print(f"\n[measure] several hosts playbook test: {time.monotonic() - t0:.1f}s")
