@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import hosts
+from orchestrator import hosts, swap
 from orchestrator.context import Context
 from orchestrator.errors import ConflictError, NotFoundError, StorageError, ValidationError
 from orchestrator.fleet import reconcile
@@ -129,3 +129,15 @@ def test_placement_fills_the_host_with_the_fewest_guests(ctx: Context, tmp_path:
     assert placed == {"g1": "a", "g2": "b", "g3": "a", "g4": "b", "g5": "a"}
     no_hosts = fleetspec.load(_spec(tmp_path, {"guests": [{"name": "g1", "image": "tiny:v1"}]}))
     assert reconcile.place(ctx, no_hosts, no_hosts.guests) == {"g1": None}
+
+
+def test_a_rollout_record_is_data(ctx: Context) -> None:
+    """A pending rollout names guests that --resume swaps: names that are not guests of this home
+    (or not names at all) are dropped, and a record left with none is removed."""
+    ctx.store.put(swap.ROLLOUT_KIND, "r1", {"to_image": "v2", "strategy": "warm", "batch": "x",
+                                            "pending": ["ghost", "../../etc", 7]})
+    ctx.store.put(swap.ROLLOUT_KIND, "r2", {"pending": "not a list"})
+    assert swap.pending_rollouts(ctx) == [("r1", {"to_image": "v2", "strategy": "warm", "batch": "x",
+                                                 "pending": []})]
+    assert swap.resume(ctx) == []
+    assert ctx.store.get(swap.ROLLOUT_KIND, "r1") is None

@@ -322,18 +322,21 @@ def _continue_rollouts(ctx: Context, progress: Progress) -> list[SwapResult]:
     out: list[SwapResult] = []
     for rid, rec in pending_rollouts(ctx):
         to = str(rec.get("to_image", ""))
-        names = [g for g in rec["pending"] if guests.load(ctx, g).image != to and journal.get(ctx, g) is None]
-        if not names:
-            ctx.store.delete(ROLLOUT_KIND, rid)
-            continue
-        progress(f"rollout {rid}: swapping {', '.join(names)}, left pending by a lost host")
         try:
-            per = rec.get("per_host")
-            p = plan(ctx, names, to, str(rec.get("strategy", "warm")), int(rec.get("batch", 1)),
-                     int(rec.get("max_failures", 1)), per if isinstance(per, int) else None)
-        except OsimgError as err:
-            out.append(SwapResult(names[0], str(rec.get("strategy", "?"))[:10], "?", to[:63], "?",
-                                  error=f"rollout {rid} cannot go on: {err}"))
+            names = [g for g in rec["pending"] if guests.load(ctx, g).image != to and journal.get(ctx, g) is None]
+            if not names:
+                ctx.store.delete(ROLLOUT_KIND, rid)
+                continue
+            progress(f"rollout {short(rid, 40)}: swapping {', '.join(names)}, left pending by a lost host")
+            per, batch, most = rec.get("per_host"), rec.get("batch", 1), rec.get("max_failures", 1)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, most)):
+                raise ValidationError("its batch or max-failures is not a number")
+            p = plan(ctx, names, to, str(rec.get("strategy", "warm")), batch, most,
+                     per if isinstance(per, int) and not isinstance(per, bool) else None)
+        except OsimgError as err:  # a record is data: a broken one is reported and left for a person
+            out.append(SwapResult(str(rec["pending"][0])[:63] if rec["pending"] else "?",
+                                  str(rec.get("strategy", "?"))[:10], "?", to[:63], "?",
+                                  error=f"rollout {short(rid, 40)} cannot go on: {err}", refused=True))
             continue
         out += rollout(ctx, p, progress, record=rid)
     return out
