@@ -372,12 +372,13 @@ def test_error_in_the_window_rolls_back_and_a_failed_rollback_reports_both(
 
 @pytest.mark.guest
 @pytest.mark.etcd
+@pytest.mark.parametrize("lost", ["first", "leader"])
 def test_killing_one_etcd_member_mid_swap_does_not_fail_it(
-        ctx: Context, crash_guests: dict[str, guests.Guest], etcd_cluster: EtcdCluster) -> None:
+        ctx: Context, crash_guests: dict[str, guests.Guest], etcd_cluster: EtcdCluster, lost: str) -> None:
     """A warm swap keeps its journal and lock in a 3-member etcd cluster; the member it talks to
-    (the URL's first) is killed (SIGKILL) once the guest is paged out: the swap goes on through the
-    two others and finishes, the journal entry is gone, the guest is whole."""
-    url = etcd_cluster.store_url(f"crash-{RUN_ID}-member")
+    (the URL's first) or the cluster's leader is killed (SIGKILL) once the guest is paged out: the
+    swap goes on through the two others and finishes, the journal entry is gone, the guest is whole."""
+    url = etcd_cluster.store_url(f"crash-{RUN_ID}-member-{lost}")
     g = guests.load(ctx, crash_guests["warm"].name)
     history = _history(ctx, g, add="before-member-killed")
     with open_store(url) as store:
@@ -392,13 +393,14 @@ def test_killing_one_etcd_member_mid_swap_does_not_fail_it(
             time.sleep(0.02)
         assert proc.poll() is None, "the swap ended before the member could be killed"
         leader = etcd_cluster.leader()
-        etcd_cluster.kill(1)
+        victim = 1 if lost == "first" else leader
+        etcd_cluster.kill(victim)
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, err)
         [r] = json.loads(out)
         assert r["ok"], r
         assert store.get(swap.journal.KIND, g.name) is None, "the journal entry was left"
-    print(f"\n[measure] member 1 ({'the leader' if leader == 1 else 'a follower'}) killed at paged-out: "
+    print(f"\n[measure] member {victim} ({'the leader' if leader == victim else 'a follower'}) killed at paged-out: "
           f"the swap finished, downtime {r.get('downtime_s', r.get('downtime', '?'))}")
     _check_whole(ctx, g, history, {x.name for x in crash_guests.values()})
 
