@@ -34,9 +34,11 @@ from orchestrator.process import dead_local_holder, holder_id
 from orchestrator.settings import SOURCE_ROOT
 from orchestrator.swap.steps import PAGEIN_FILE, ROLLBACK_SNAPSHOT, guest_sh
 
-from .cluster_fixtures import ETCD_SH, free_ports
+from .cluster_fixtures import ETCD_SH, EtcdCluster, free_ports
 from .conftest import GOLD_V1, GOLD_V2, HOME, RUN_ID, gname, osimg
 from .writer import RECORDS, ConsoleWatch, Writer, checksum, read_records
+
+pytest_plugins = ["tests.cluster_fixtures"]  # etcd_cluster
 
 V1, V2 = GOLD_V1, GOLD_V2  # the session's golden images (conftest), captured from tiny:v1 and tiny:v2
 PACKAGE = SOURCE_ROOT / "orchestrator"
@@ -366,6 +368,41 @@ def test_error_in_the_window_rolls_back_and_a_failed_rollback_reports_both(
     res = osimg("swap", "--resume", "--json")
     assert res.returncode == 8 and "rolled back" in res.stderr, res
     _check_whole(ctx, g, history, others)
+
+
+@pytest.mark.guest
+@pytest.mark.etcd
+@pytest.mark.parametrize("lost", ["first", "leader"])
+def test_killing_one_etcd_member_mid_swap_does_not_fail_it(
+        ctx: Context, crash_guests: dict[str, guests.Guest], etcd_cluster: EtcdCluster, lost: str) -> None:
+    """A warm swap keeps its journal and lock in a 3-member etcd cluster; the member it talks to
+    (the URL's first) or the cluster's leader is killed (SIGKILL) once the guest is paged out: the
+    swap goes on through the two others and finishes, the journal entry is gone, the guest is whole."""
+    url = etcd_cluster.store_url(f"crash-{RUN_ID}-member-{lost}")
+    g = guests.load(ctx, crash_guests["warm"].name)
+    history = _history(ctx, g, add="before-member-killed")
+    with open_store(url) as store:
+        for name, rec in ctx.store.items(catalog.KIND):  # the image catalog lives in the store too
+            store.put(catalog.KIND, name, rec)
+        proc = _swap_cli(g, V2 if g.image == V1 else V1, "warm", store=["--store", url])
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            rec = store.get(swap.journal.KIND, g.name)
+            if rec and rec.get("step") == "paged-out":
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the swap ended before the member could be killed"
+        leader = etcd_cluster.leader()
+        victim = 1 if lost == "first" else leader
+        etcd_cluster.kill(victim)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, err)
+        [r] = json.loads(out)
+        assert r["ok"], r
+        assert store.get(swap.journal.KIND, g.name) is None, "the journal entry was left"
+    print(f"\n[measure] member {victim} ({'the leader' if leader == victim else 'a follower'}) killed at paged-out: "
+          f"the swap finished, downtime {r.get('downtime_s', r.get('downtime', '?'))}")
+    _check_whole(ctx, g, history, {x.name for x in crash_guests.values()})
 
 
 @pytest.mark.guest
