@@ -33,8 +33,10 @@ from orchestrator.swap import journal
 
 # The fixtures (a real etcd per session, a store per backend) live next to this file, not in conftest.py.
 pytest_plugins = ["tests.cluster_fixtures"]
-# fork: workers run functions of this test module without re-importing it.
-PROCESSES = multiprocessing.get_context("fork")
+# spawn, not fork: a forked worker inherits the locks the parent's threads (event watches, lock
+# refreshes; their HTTPS sessions) held at that instant and can hang on one for ever (seen once in a
+# full run). A spawned worker imports this module afresh and shares nothing but the store URL.
+PROCESSES = multiprocessing.get_context("spawn")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
