@@ -16,8 +16,12 @@ initrd) goes to host ``b`` ``--reps`` times, the host's image pool removed befor
 - the same steps timed apart by calling the Hypervisor's methods (pool, upload, verify);
 - a plain local copy of the same files into a folder on the same file system (``shutil.copyfile``,
   and ``cp``), and the copy's sha256 read back (the local counterpart of the verify).
-The source files are in the page cache for every run; nothing is fsynced, neither by libvirtd nor by
-the copy. ``hosts.ship``'s time and the sum of the steps timed apart measure the same thing (ship's
+The source files are in the page cache for every run; nothing is fsynced inside a measured phase,
+neither by libvirtd nor by the copy, but every phase starts after an ``os.sync()`` (and ship and the
+steps timed apart take turns going first): without that, the later phase of a run paid for writing
+back the earlier phase's 125 MiB (single runs of one way ranged 0.2-0.5 s, and the medians of the two
+ways disagreed on an idle machine). ``hosts.ship``'s time and the sum of the steps timed apart (the
+median of each run's sum) measure the same thing (ship's
 also holds its record's write to the store, and in its first run the host root's folder): their
 medians must agree within 0.05 s + 25% of the larger, else the bench says DISAGREE and exits 1 (with
 ``--reps 1`` a single slow store write can do that on a loaded host).
@@ -77,9 +81,11 @@ SHIP_SLACK, SHIP_SHARE = 0.05, 0.25  # ship's time and the steps timed apart agr
 # (6 of 8 swaps refused, 627 probe ticks skipped): the probe must not become the load it measures;
 # every 1 s it located the outage too coarsely for the agreement rule (prompt answers only, 1 of 14 off).
 PROBE_EVERY = 0.5
-# and at most 2 open requests per guest (swap_downtime.py allows 8 for its few guests): twice, 8
-# guests with 8 open CGIs each were too busy to answer their agent or SSH within 120 s
-INFLIGHT = 2
+# and at most 4 open requests per guest (swap_downtime.py allows 8 for its few guests): twice, 8
+# guests with 8 open CGIs each were too busy to answer their agent or SSH within 120 s; with 2, a
+# request sent as the new OS came up could hold both slots for 2.5 s, so the probe saw the new OS
+# late and disagreed with the orchestrator (1 of 16 swaps on an idle machine)
+INFLIGHT = 4
 NAN = float("nan")
 
 
@@ -165,19 +171,24 @@ def upload_run(ctx: Context, host: str, image: str, reps: int) -> dict[str, Any]
     pool = hosts.pool_name(ctx, "i", image)
     where = hosts.folder(ctx, hosts.get(ctx, host), "i", image)
     scratch = ctx.settings.home / "copy"
-    runs: dict[str, list[float]] = {k: [] for k in ("ship", "ship wall", "pool", "upload", "verify", "copyfile",
-                                                    "copy hash", "cp")}
+    runs: dict[str, list[float]] = {k: [] for k in ("ship", "ship wall", "pool", "upload", "verify", "apart",
+                                                    "copyfile", "copy hash", "cp")}
     say(f"[upload] {image}: {len(files)} files, {total / MIB:.1f} MiB "
         f"({', '.join(f'{f} {(src / f).stat().st_size / MIB:.1f}' for f in files)} MiB), {reps} runs")
-    for rep in range(reps):
+    def by_ship() -> Any:
         hosts.unship(ctx, host, image)  # its pool there and the record go
+        os.sync()  # the previous phase's writes are not this one's to wait for
         t = time.monotonic()
         sh = hosts.ship(ctx, host, image)
         runs["ship wall"].append(time.monotonic() - t)  # with the catalog's own hash check of the source
         if sh.already or sh.bytes_sent != total:
             raise SystemExit(f"ship sent {sh.bytes_sent} bytes (already: {sh.already}), expected {total}")
         runs["ship"].append(sh.seconds)
+        return sh
+
+    def by_steps() -> tuple[float, float]:
         hosts.unship(ctx, host, image)
+        os.sync()
         runs["pool"].append(timed(hv.pool_ensure, pool, where, qemu_gid()))
         up = ver = 0.0
         for f in files:
@@ -188,6 +199,18 @@ def upload_run(ctx: Context, host: str, image: str, reps: int) -> dict[str, Any]
                 raise SystemExit(f"{f} arrived on host {host} with another hash")
         runs["upload"].append(up)
         runs["verify"].append(ver)
+        runs["apart"].append(runs["pool"][-1] + up + ver)
+        return up, ver
+
+    for rep in range(reps):
+        # the two ways take turns going first, so neither always follows the other's deletion
+        if rep % 2 == 0:
+            sh = by_ship()
+            up, ver = by_steps()
+        else:
+            up, ver = by_steps()
+            sh = by_ship()
+        os.sync()
         scratch.mkdir(exist_ok=True)
         try:
             runs["copyfile"].append(sum(timed(shutil.copyfile, src / f, scratch / f) for f in files))
@@ -208,7 +231,7 @@ def upload_run(ctx: Context, host: str, image: str, reps: int) -> dict[str, Any]
             f"{runs['copy hash'][-1]:.3f}s, cp {runs['cp'][-1]:.3f}s")
     hosts.unship(ctx, host, image)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    apart = med["pool"] + med["upload"] + med["verify"]
+    apart = med["apart"]  # the median of each run's sum (a sum of medians mixes runs)
     agrees = abs(med["ship"] - apart) <= SHIP_SLACK + SHIP_SHARE * max(med["ship"], apart)
     return {"image": image, "files": len(files), "mib": total / MIB, "runs": runs, "median": med,
             "apart": apart, "agrees": agrees}
