@@ -506,6 +506,25 @@ class Hypervisor:
                 return None
             raise
 
+    def _existing_vol(self, pool: str, vol: str) -> libvirt.virStorageVol:
+        """The volume (its pool refreshed first), or NotFoundError."""
+        v = self._vol(pool, vol, refresh=True)
+        if v is None:
+            raise NotFoundError(f"no volume {vol!r} in pool {pool!r} on {self.uri[:120]}")
+        return v
+
+    @contextlib.contextmanager
+    def _stream(self) -> Iterator[libvirt.virStream]:
+        """A stream finished when the block ends, aborted when it fails."""
+        st = self.conn.newStream(0)
+        try:
+            yield st
+        except BaseException:
+            with contextlib.suppress(libvirt.libvirtError):
+                st.abort()
+            raise
+        st.finish()
+
     def vol_size(self, pool: str, vol: str) -> int | None:
         """A volume's capacity in bytes, or None if the pool has no such volume."""
         with self._calling(f"volume {vol} of pool {pool}"):
@@ -515,10 +534,7 @@ class Hypervisor:
     def vol_capacity(self, pool: str, vol: str) -> int:
         """A disk volume's virtual size (qcow2: what the guest sees)."""
         with self._calling(f"volume {vol} of pool {pool}"):
-            v = self._vol(pool, vol, refresh=True)
-            if v is None:
-                raise NotFoundError(f"no volume {vol!r} in pool {pool!r} on {self.uri[:120]}")
-            return int(v.info()[1])
+            return int(self._existing_vol(pool, vol).info()[1])
 
     def vol_allocation(self, pool: str, vol: str) -> int | None:
         with self._calling(f"volume {vol} of pool {pool}"):
@@ -543,9 +559,7 @@ class Hypervisor:
         with _pool_turn(self.uri, src_pool), self._calling(f"copying volume {src_vol} to {vol}"):
             deadline = time.monotonic() + wait
             while True:
-                src = self._vol(src_pool, src_vol, refresh=True)
-                if src is None:
-                    raise NotFoundError(f"no volume {src_vol!r} in pool {src_pool!r} on {self.uri[:120]}")
+                src = self._existing_vol(src_pool, src_vol)
                 p = self.conn.storagePoolLookupByName(pool)
                 try:
                     return str(p.createXMLFrom(vol_xml(vol, int(src.info()[1]), "raw"), src, 0).path())
@@ -560,69 +574,45 @@ class Hypervisor:
             if v is not None:
                 v.delete(0)
 
-    def vol_upload(self, pool: str, vol: str, src: Path, offset: int = 0, create: bool = True,
-                   progress: Any = None) -> str:
+    def vol_upload(self, pool: str, vol: str, src: Path, create: bool = True) -> str:
         """Send a local file's bytes into a volume over the connection (``virStorageVolUpload``).
 
         ``create``: make the volume first (a new raw file of the source's length; an existing one is
-        replaced); otherwise the bytes overwrite the volume from ``offset`` on, the rest unchanged.
-        ``progress(bytes_sent)`` is called as chunks go out. Returns the volume's path on the host."""
+        replaced); otherwise the bytes overwrite the volume's first bytes, the rest unchanged.
+        Returns the volume's path on the host."""
         size = src.stat().st_size
         with self._calling(f"uploading {src.name} to pool {pool}"):
-            p = self.conn.storagePoolLookupByName(pool)
-            v = self._vol(pool, vol, refresh=True)
             if create:
-                if v is not None:
-                    v.delete(0)
-                v = p.createXML(vol_xml(vol, size, "raw"), 0)
-            elif v is None:
-                raise NotFoundError(f"no volume {vol!r} in pool {pool!r} on {self.uri[:120]}")
-            st = self.conn.newStream(0)
-            v.upload(st, offset, size, 0)
-            sent = 0
-            try:
-                with open(src, "rb") as f:
-                    while chunk := f.read(STREAM_CHUNK):
-                        view = memoryview(chunk)
-                        while view:
-                            n = st.send(view.tobytes())
-                            if n < 0:
-                                raise HypervisorError(f"uploading {src.name} to pool {pool}: the stream refused data")
-                            view = view[n:]
-                            sent += n
-                        if progress is not None:
-                            progress(sent)
-                st.finish()
-            except BaseException:
-                with contextlib.suppress(libvirt.libvirtError):
-                    st.abort()
-                raise
+                old = self._vol(pool, vol, refresh=True)
+                if old is not None:
+                    old.delete(0)
+                v = self.conn.storagePoolLookupByName(pool).createXML(vol_xml(vol, size, "raw"), 0)
+            else:
+                v = self._existing_vol(pool, vol)
+            with self._stream() as st, open(src, "rb") as f:
+                v.upload(st, 0, size, 0)
+                while chunk := f.read(STREAM_CHUNK):
+                    view = memoryview(chunk)
+                    while view:
+                        n = st.send(view.tobytes())
+                        if n < 0:
+                            raise HypervisorError(f"uploading {src.name} to pool {pool}: the stream refused data")
+                        view = view[n:]
             return str(v.path())
 
     def vol_download(self, pool: str, vol: str, sink: Any, limit: int = 0) -> int:
         """Stream a volume's bytes (at most ``limit``, 0: all) to ``sink(chunk)`` over the connection;
         returns the byte count. Used to verify an upload by hash on the host's own copy."""
         with self._calling(f"reading volume {vol} of pool {pool}"):
-            v = self._vol(pool, vol, refresh=True)
-            if v is None:
-                raise NotFoundError(f"no volume {vol!r} in pool {pool!r} on {self.uri[:120]}")
-            st = self.conn.newStream(0)
-            v.download(st, 0, limit, 0)
+            v = self._existing_vol(pool, vol)
             got = 0
-            try:
-                while True:
-                    chunk = st.recv(STREAM_CHUNK)
+            with self._stream() as st:
+                v.download(st, 0, limit, 0)
+                while chunk := st.recv(STREAM_CHUNK):
                     if chunk == -2:
                         raise HypervisorError(f"reading volume {vol}: the stream would block")
-                    if not chunk:
-                        break
                     sink(chunk)
                     got += len(chunk)
-                st.finish()
-            except BaseException:
-                with contextlib.suppress(libvirt.libvirtError):
-                    st.abort()
-                raise
             return got
 
     def free_memory(self) -> int:

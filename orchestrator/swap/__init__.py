@@ -115,18 +115,18 @@ def rollout(ctx: Context, p: Plan, progress: Progress = quiet, record: str | Non
         for bi, group in enumerate(p.batches, 1):
             why = (f"not attempted: {failures} failure(s) reached the limit" if failures >= p.max_failures
                    else f"not attempted: interrupted by {SIGNALS.received}" if SIGNALS.received else None)
-            for g in list(group):
+            skipped = [g for g in group if why is not None or p.hosts.get(g, "local") in lost]
+            for g in skipped:
                 h = p.hosts.get(g, "local")
-                if why is not None or h in lost:
-                    rec = guests.load(ctx, g)
-                    because = why or (f"not attempted: host {h} does not answer ({short(lost[h], 160)}); "
-                                      f"'osimg swap --resume' swaps it once the host is back")
-                    results.append(SwapResult(g, p.strategy, rec.image, p.to_image, rec.os_version, skipped=True,
-                                              error=because))
-                    if why is None:
-                        pending.append(g)
-                    group = [x for x in group if x != g]
-                    todo.remove(g)
+                rec = guests.load(ctx, g)
+                because = why or (f"not attempted: host {h} does not answer ({short(lost[h], 160)}); "
+                                  f"'osimg swap --resume' swaps it once the host is back")
+                results.append(SwapResult(g, p.strategy, rec.image, p.to_image, rec.os_version, skipped=True,
+                                          error=because))
+                if why is None:
+                    pending.append(g)
+                todo.remove(g)
+            group = [g for g in group if g not in skipped]
             if not group:
                 continue
             progress(f"batch {bi}/{len(p.batches)}: {', '.join(group)}")
