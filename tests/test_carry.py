@@ -166,6 +166,8 @@ def test_a_failed_restore_rolls_back_with_the_processes_continued(ctx: Context, 
         assert "CRIU could not restore app" in r["error"], r["error"]
         [tree] = r["processes"]
         g = guests.load(ctx, g.name)
+        # a restarted server comes up after the rollback returns; a continued one answers at once
+        assert guests.wait_app(g.app_port, timeout=60) is not None, "the server does not answer on the old OS"
         count, version, pid, started, served = ask(g)
         assert count > before[0], "the counter on /data went back"
         if r["killed"]:  # caught mid-request: ended at the release, and its checkpoint is broken
