@@ -23,6 +23,10 @@ from orchestrator.context import Context
 from orchestrator.images import lifecycle
 from orchestrator.settings import SOURCE_ROOT, Settings
 
+# helper modules the tests import (their asserts explain themselves, as in the tests); conftest
+# imports neither, so this comes before the test modules import them
+pytest.register_assert_rewrite("tests.cluster_fixtures", "tests.writer")
+
 RUN_ID = uuid.uuid4().hex[:6]
 # Under the source tree, not pytest's tmp_path: QEMU runs as libvirt-qemu and cannot enter /tmp/pytest-of-root (0700).
 HOME = SOURCE_ROOT / ".cache" / f"test-home-{RUN_ID}"

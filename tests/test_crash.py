@@ -196,9 +196,9 @@ def crash_guests(ctx: Context, gold_v1: str, gold_v2: str) -> Iterator[dict[str,
 
 
 def _history(ctx: Context, g: guests.Guest, add: str | None = None) -> str:
+    """/data/history (after appending ``add`` and syncing), through the agent."""
     cmd = "cat /data/history" if add is None else f"echo {add} >> /data/history && sync && cat /data/history"
-    with guests.session(ctx, g) as s:
-        return s.run(["sh", "-c", cmd], check=True).out
+    return guest_sh(ctx, g, cmd + "\n", "reading the history")
 
 
 def _state(ctx: Context, name: str) -> tuple[str, str, list[str]]:
@@ -212,10 +212,11 @@ def _check_whole(ctx: Context, g0: guests.Guest, history: str, others: set[str])
     assert g.image in (V1, V2)
     assert swap.journal.entries(ctx) == [], "the journal still holds an entry"
     assert ctx.hv.state(g.name) == "running"
-    with guests.session(ctx, g) as s:
-        inside = s.run(["cat", "/etc/osimg-version"], check=True).out.strip()
-    assert inside == g.os_version, f"the guest runs {inside}, its record says {g.os_version}"
-    assert _history(ctx, g) == history, "data written before the swap changed"
+    with guests.session(ctx, g) as s:  # over SSH: the guest is reachable with its own host key
+        inside, _, data = s.run(["sh", "-c", "cat /etc/osimg-version; echo =osimg=; cat /data/history"],
+                                check=True).out.partition("=osimg=\n")
+    assert inside.strip() == g.os_version, f"the guest runs {inside.strip()}, its record says {g.os_version}"
+    assert data == history, "data written before the swap changed"
     assert guests.app_counter(g.app_port) is not None, "the application does not answer"
     files = {p.name for p in g.dir(ctx).iterdir()}
     assert {f for f in files if f.startswith("os")} == {g.overlay_file}, f"orphan overlay: {sorted(files)}"
