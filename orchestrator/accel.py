@@ -1,16 +1,22 @@
 """Which accelerator really works here: KVM when a real probe boots with it, else TCG.
 
-The accelerator is probed once per host configuration and remembered in ``OSIMG_HOME/accel.json``:
-a hanging KVM costs the probe's full timeout, which no command should pay twice. Its own module
-(not ``doctor``) because every guest creation needs the choice, and ``context`` hands it out.
+The accelerator is probed once per host configuration (libvirt URI and version, QEMU, kernel, KVM
+device) and remembered in the machine's build cache (``OSIMG_CACHE/accel.json``, one verdict per
+configuration): a hanging KVM costs the probe's full timeout, which no command should pay twice, and
+whether KVM works is a property of the machine, not of one OSIMG_HOME (a new home, the demo's or a
+test session's, does not probe again). Its own module (not ``doctor``) because every guest creation
+needs the choice, and ``context`` hands it out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 from . import recipes
 from .host.libvirt import Hypervisor
@@ -29,9 +35,21 @@ class AccelChoice:
         return "KVM" if self.accel == "kvm" else "TCG (software emulation)"
 
 
-def _probe_key(hv: Hypervisor, device: str) -> str:
+def _probe_key(settings: Settings, hv: Hypervisor) -> str:
     v = hv.versions()
-    return f"{v['libvirt']}|{v['hypervisor']}|{recipes.kernel_release()}|{device}|{os.path.exists(device)}"
+    device = settings.kvm_device
+    return (f"{settings.uri}|{v['libvirt']}|{v['hypervisor']}|{recipes.kernel_release()}|{device}|"
+            f"{os.path.exists(device)}")
+
+
+def _cached(path: Path) -> dict[str, dict[str, Any]]:
+    """The remembered verdicts by key; an unreadable or foreign file counts as none (probe again)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("verdicts") if isinstance(data, dict) else None
+    return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}
 
 
 def choose_accel(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> AccelChoice:
@@ -39,21 +57,30 @@ def choose_accel(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> A
     if settings.accel:
         accel = "kvm" if settings.accel == "kvm" else "qemu"
         return AccelChoice(accel, f"forced by OSIMG_ACCEL={settings.accel}", time.time(), "forced")
-    key = _probe_key(hv, settings.kvm_device)
-    cache = settings.home / "accel.json"
-    if not reprobe and cache.exists():
-        try:
-            data = json.loads(cache.read_text())
-            if data.get("key") == key:
-                return AccelChoice(**data)
-        except (ValueError, TypeError):
-            pass
+    key = _probe_key(settings, hv)
+    path = cache_file(settings)
+    if not reprobe:
+        with contextlib.suppress(TypeError):
+            hit = _cached(path).get(key)
+            # data, not trust: only a verdict naming one of the two domain types is used
+            if hit is not None and hit.get("key") == key and hit.get("accel") in ("kvm", "qemu"):
+                return AccelChoice(**hit)
     settings.ensure_dirs()
     kernel, initrd = recipes.probe_boot_files(settings)
     ok, why = hv.probe_kvm(str(kernel), str(initrd), settings.home, device=settings.kvm_device)
     choice = AccelChoice("kvm" if ok else "qemu", why if ok else f"KVM unusable: {why}; falling back to TCG",
                          time.time(), key)
-    cache.write_text(json.dumps(asdict(choice)))
+    entries = _cached(path)
+    entries[key] = asdict(choice)
+    # a verdict per configuration (the last 20): a reprobe with a test device keeps the real one
+    keep = dict(sorted(entries.items(), key=lambda kv: float(kv[1].get("probed_at") or 0))[-20:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"verdicts": keep}, indent=1))
+    os.replace(tmp, path)  # whole or not at all: two commands probing at once each leave a valid file
     return choice
 
 
+def cache_file(settings: Settings) -> Path:
+    """Where the verdicts are remembered (readable by all: they hold no secret)."""
+    return settings.cache / "accel.json"

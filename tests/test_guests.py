@@ -15,8 +15,11 @@ import pytest
 from orchestrator import guests
 from orchestrator.context import Context
 from orchestrator.errors import ConflictError, HypervisorError, NotFoundError, ValidationError
+from orchestrator.settings import Settings
 
 from .conftest import HOME, gname, osimg, osimg_json
+
+ACCEL_CACHE = Settings.from_env(home=str(HOME)).cache / "accel.json"
 
 pytestmark = pytest.mark.guest
 
@@ -77,28 +80,41 @@ def _doctor(home: Path, *args: str, **env: str) -> dict[str, Any]:
     return out
 
 
+def _verdict(part: str) -> dict[str, Any]:
+    """The latest remembered probe verdict whose key holds ``part`` (the machine's OSIMG_CACHE/accel.json;
+    verdicts of earlier libvirt or QEMU versions may be there too)."""
+    verdicts = json.loads(ACCEL_CACHE.read_text())["verdicts"]
+    hits = [v for k, v in verdicts.items() if part in k]
+    assert hits, f"no verdict for {part} in {ACCEL_CACHE}"
+    return dict(max(hits, key=lambda v: float(v["probed_at"])))
+
+
 def test_kvm_probe_and_tcg_fallback_run_for_real() -> None:
-    """OSIMG_ACCEL skips the probe; --reprobe boots the probe domain again; a missing KVM device falls back."""
-    home = HOME / "doctor-home"  # its own accel.json: the session's cached verdict stays untouched
+    """OSIMG_ACCEL skips the probe; --reprobe boots the probe domain again; a missing KVM device falls
+    back. The verdicts are the machine's (one per configuration), shared by every OSIMG_HOME."""
+    home = HOME / "doctor-home"
+    before = ACCEL_CACHE.read_text() if ACCEL_CACHE.exists() else None
     forced = _doctor(home, OSIMG_ACCEL="tcg")["accel"]
     assert forced["accel"] == "qemu" and forced["reason"] == "forced by OSIMG_ACCEL=tcg"
-    assert not (home / "accel.json").exists(), "a forced accelerator must not probe or cache"
+    assert (ACCEL_CACHE.read_text() if ACCEL_CACHE.exists() else None) == before, "a forced accelerator cached"
     nokvm = _doctor(home, "--reprobe", OSIMG_KVM_DEVICE="/nonexistent/kvm")["accel"]
     assert nokvm["accel"] == "qemu", nokvm
     assert "/nonexistent/kvm does not exist" in nokvm["reason"] and "falling back to TCG" in nokvm["reason"]
-    cached = json.loads((home / "accel.json").read_text())
-    assert cached["accel"] == "qemu" and "/nonexistent/kvm|False" in cached["key"]
-    # without --reprobe the verdict comes from the cache; with it the probe runs again
-    assert _doctor(home, OSIMG_KVM_DEVICE="/nonexistent/kvm")["accel"] == nokvm
-    assert json.loads((home / "accel.json").read_text())["probed_at"] == cached["probed_at"]
+    cached = _verdict("|/nonexistent/kvm|False")
+    assert cached["accel"] == "qemu"
+    # without --reprobe the verdict comes from the cache (another home too); with it the probe runs again
+    assert _doctor(HOME / "doctor-home2", OSIMG_KVM_DEVICE="/nonexistent/kvm")["accel"] == nokvm
+    assert _verdict("|/nonexistent/kvm|False")["probed_at"] == cached["probed_at"]
     t1 = time.time()
     _doctor(home, "--reprobe", OSIMG_KVM_DEVICE="/nonexistent/kvm")
-    assert json.loads((home / "accel.json").read_text())["probed_at"] >= t1
-    # the real device: the probe boots a throw-away KVM domain (up to 10 s) whatever the cache says
+    assert _verdict("|/nonexistent/kvm|False")["probed_at"] >= t1
+    # the real device: the probe boots a throw-away KVM domain (up to 10 s) whatever the cache says,
+    # and the test device's verdict does not replace the real one
     t0 = time.time()
     real = _doctor(home, "--reprobe")["accel"]
-    cached = json.loads((home / "accel.json").read_text())
-    assert cached["probed_at"] >= t0 and "/dev/kvm|" in cached["key"]
+    cached = _verdict("|/dev/kvm|")
+    assert cached["probed_at"] >= t0 and cached["accel"] == real["accel"]
+    assert _verdict("|/nonexistent/kvm|False")["accel"] == "qemu"
     if real["accel"] == "kvm":
         assert "reached userspace" in real["reason"]
     else:

@@ -22,9 +22,9 @@ pytestmark = pytest.mark.guest
 
 V1, V2, BAD = GOLD_V1, GOLD_V2, GOLD_BAD  # the session's golden images (conftest); BAD's app never starts
 # The health wait for BAD (the default is 120 s): a warm swap waits this long for the paged-in
-# application, which on a good image answers within a second; a cold swap first waits up to this long
-# for the boot (~6 s under TCG), then as long again for the application.
-BAD_WAIT = {"warm": 8.0, "cold": 20.0}
+# application, which on a good image answers within a second; a cold swap waits this long for the
+# application's first answer while the new OS boots (a good tiny image answers ~6 s after the start).
+BAD_WAIT = {"warm": 8.0, "cold": 12.0}
 SEEN = 10  # reports the writer must have made before the swap (and after it) to count as running
 
 

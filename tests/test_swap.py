@@ -30,9 +30,10 @@ pytestmark = pytest.mark.guest
 V1, V2, BAD = GOLD_V1, GOLD_V2, GOLD_BAD  # the session's golden images (conftest); BAD's application never starts
 # Health waits for the bad image, whose application never answers (the default is 120 s): a warm swap
 # waits this long for the paged-in application, which on a good image answers within a second of the
-# customization; a cold swap waits up to this long for the boot (~6 s under TCG), then as long again.
+# customization; a cold swap waits this long for the application's first answer while the new OS boots
+# (a good tiny image answers ~6 s after the start under TCG).
 BAD_WAIT = 8.0
-BAD_WAIT_COLD = 20.0
+BAD_WAIT_COLD = 12.0
 
 
 @pytest.fixture(scope="module")
