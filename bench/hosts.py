@@ -65,9 +65,9 @@ import swap_downtime
 from homes import bench_home
 from rich.console import Console
 from rich.table import Table
-from swap_downtime import MEASURED, Probe, Timeline, judge
+from swap_downtime import MEASURED, measure_rollout, provision
 
-from orchestrator import guests, hosts, swap
+from orchestrator import guests, hosts
 from orchestrator.context import Context
 from orchestrator.errors import OsimgError
 from orchestrator.images import catalog, lifecycle
@@ -238,57 +238,28 @@ def upload_run(ctx: Context, host: str, image: str, reps: int) -> dict[str, Any]
 
 
 # -- (b) rollout on one host vs two ---------------------------------------------------------------------
-def provision(ctx: Context, placed: dict[str, str], image: str) -> float:
-    t0 = time.monotonic()
-    for n, h in placed.items():
-        guests.create(ctx, n, image, data_size=64 << 20, host=h)
-    for n in placed:
-        g = guests.load(ctx, n)
-        guests.wait_ready(ctx, g, timeout=300)
-        if guests.wait_app(g.app_port, 120) is None:
-            raise SystemExit(f"{n}: application did not start")
-    return time.monotonic() - t0
-
-
 def rollout_run(ctx: Context, label: str, placed: dict[str, str], v1: str, v2: str, batch: int,
                 per_host: int | None, every: float) -> dict[str, Any]:
     names = list(placed)
     try:
-        up = provision(ctx, placed, v1)
+        t0 = time.monotonic()
+        provision(ctx, names, v1, placed=placed, ready_timeout=300, app_timeout=120)
+        up = time.monotonic() - t0
         say(f"[{label}] {len(names)} guests ready on {v1} in {up:.1f}s: "
             f"{', '.join(f'{n}@{h}' for n, h in placed.items())}")
-        p = swap.plan(ctx, names, v2, "warm", batch=batch, max_failures=len(names), per_host=per_host)
-        old = {n: guests.load(ctx, n).os_version for n in names}
-        tl = Timeline()
-        probes = {n: Probe(guests.load(ctx, n).app_port, every) for n in names}
-        for pr in probes.values():
-            pr.__enter__()
-        try:
-            time.sleep(1.0)
-            t0 = time.monotonic()
-            results = swap.rollout(ctx, p, progress=tl)
-            wall = time.monotonic() - t0
-            if swap.interrupted():  # the rollout took the Ctrl-C (its swaps in flight rolled back): stop here
-                raise SystemExit(f"interrupted by {swap.interrupted()}")
-            end = time.monotonic()
-            for r in results:  # let each probe see the new OS answer a few times
-                while r.ok and probes[r.guest].answered_after(end, r.new_version or "?") < 3 \
-                        and time.monotonic() < end + 30:
-                    time.sleep(0.05)
-        finally:
-            for pr in probes.values():
-                pr.__exit__()
-        measured = [judge(label, r, probes[r.guest], tl, old[r.guest]) for r in results]
+        wall, measured = measure_rollout(ctx, label, names, v2, "warm", batch=batch, every=every,
+                                         per_host=per_host, settle=1.0)
         for n in names:
             g = guests.load(ctx, n)
             if g.image != v2:
                 say(f"[{label}] {n}: still on {g.image} after the rollout")
+        ok = sum(bool(m.result and m.result.ok) for m in measured)
         down = [m.orchestrator for m in measured if m.orchestrator is not None]
         seen = [m.probe for m in measured if m.probe == m.probe]
         say(f"[{label}] rollout of {len(names)} guests (batch {batch}, per host {per_host}): {wall:.1f}s, "
-            f"{sum(r.ok for r in results)} ok")
+            f"{ok} ok")
         return {"layout": label, "guests": len(names), "hosts": sorted(set(placed.values())), "batch": batch,
-                "per_host": per_host, "wall": wall, "ok": sum(r.ok for r in results),
+                "per_host": per_host, "wall": wall, "ok": ok,
                 "downtime": down, "probe": seen, "provision": up,
                 "downtime_median": statistics.median(down) if down else NAN,
                 "probe_median": statistics.median(seen) if seen else NAN}

@@ -204,9 +204,10 @@ MEASURED: list[Measured] = []
 
 
 def measure_rollout(ctx: Context, fam: str, names: list[str], to: str, strategy: str,
-                    batch: int = 1, every: float = PROBE_EVERY) -> tuple[float, list[Measured]]:
-    """One rollout of ``names`` to ``to`` (``batch`` at once), each guest watched by its own probe
-    (a request every ``every`` seconds).
+                    batch: int = 1, every: float = PROBE_EVERY, per_host: int | None = None,
+                    settle: float = 0.5) -> tuple[float, list[Measured]]:
+    """One rollout of ``names`` to ``to`` (``batch`` at once, at most ``per_host`` of one host), each
+    guest watched by its own probe (a request every ``every`` seconds, from ``settle`` seconds before).
     Returns the rollout's wall time and one ``Measured`` per guest (also added to ``MEASURED``),
     each printed with the verdict of ``agree``; a failed swap has NaN for the probe."""
     old_v = {n: guests.load(ctx, n).os_version for n in names}
@@ -215,11 +216,13 @@ def measure_rollout(ctx: Context, fam: str, names: list[str], to: str, strategy:
     for p in probes.values():
         p.__enter__()
     try:
-        time.sleep(0.5)
+        time.sleep(settle)
         t0 = time.monotonic()
-        results = swap.rollout(ctx, swap.plan(ctx, names, to, strategy, batch=batch, max_failures=len(names)),
-                               progress=tl)
+        results = swap.rollout(ctx, swap.plan(ctx, names, to, strategy, batch=batch, max_failures=len(names),
+                                              per_host=per_host), progress=tl)
         wall = time.monotonic() - t0
+        if swap.interrupted():  # the rollout took the Ctrl-C (its swaps in flight rolled back): stop here
+            raise SystemExit(f"interrupted by {swap.interrupted()}")
         # a probe may still be waiting on a request sent during the outage: keep them running until
         # each has prompt answers from the new OS (without them the gap would end at an answer of the old)
         end = time.monotonic()
@@ -279,13 +282,16 @@ def set_carry(ctx: Context, name: str, carry: list[dict[str, object]] | None) ->
     g.save(ctx)
 
 
-def provision(ctx: Context, names: list[str], image: str) -> None:
+def provision(ctx: Context, names: list[str], image: str, placed: dict[str, str] | None = None,
+              ready_timeout: float = 240, app_timeout: float = 60) -> None:
+    """Create every guest (on its host in ``placed``, else locally), then wait for each one's
+    application: the boots overlap."""
     for n in names:
-        guests.create(ctx, n, image, data_size=64 << 20)
+        guests.create(ctx, n, image, data_size=64 << 20, host=(placed or {}).get(n))
     for n in names:
         g = guests.load(ctx, n)
-        guests.wait_ready(ctx, g, timeout=240)
-        if guests.wait_app(g.app_port, 60) is None:
+        guests.wait_ready(ctx, g, timeout=ready_timeout)
+        if guests.wait_app(g.app_port, app_timeout) is None:
             raise SystemExit(f"{n}: application did not start")
 
 

@@ -10,7 +10,6 @@ needs the choice, and ``context`` hands it out.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -43,13 +42,19 @@ def _probe_key(settings: Settings, hv: Hypervisor) -> str:
 
 
 def _cached(path: Path) -> dict[str, dict[str, Any]]:
-    """The remembered verdicts by key; an unreadable or foreign file counts as none (probe again)."""
+    """The remembered verdicts by key; an unreadable or foreign file counts as none (probe again).
+    Data, not trust: only a verdict filed under its own key, naming one of the two domain types and
+    when it was probed, is kept."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     entries = data.get("verdicts") if isinstance(data, dict) else None
-    return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}
+    if not isinstance(entries, dict):
+        return {}
+    return {k: v for k, v in entries.items()
+            if isinstance(v, dict) and v.get("key") == k and v.get("accel") in ("kvm", "qemu")
+            and isinstance(v.get("probed_at"), (int, float)) and isinstance(v.get("reason"), str)}
 
 
 def choose_accel(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> AccelChoice:
@@ -59,12 +64,9 @@ def choose_accel(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> A
         return AccelChoice(accel, f"forced by OSIMG_ACCEL={settings.accel}", time.time(), "forced")
     key = _probe_key(settings, hv)
     path = cache_file(settings)
-    if not reprobe:
-        with contextlib.suppress(TypeError):
-            hit = _cached(path).get(key)
-            # data, not trust: only a verdict naming one of the two domain types is used
-            if hit is not None and hit.get("key") == key and hit.get("accel") in ("kvm", "qemu"):
-                return AccelChoice(**hit)
+    hit = None if reprobe else _cached(path).get(key)
+    if hit is not None:
+        return AccelChoice(hit["accel"], hit["reason"], float(hit["probed_at"]), key)
     settings.ensure_dirs()
     kernel, initrd = recipes.probe_boot_files(settings)
     ok, why = hv.probe_kvm(str(kernel), str(initrd), settings.home, device=settings.kvm_device)
@@ -73,7 +75,7 @@ def choose_accel(settings: Settings, hv: Hypervisor, reprobe: bool = False) -> A
     entries = _cached(path)
     entries[key] = asdict(choice)
     # a verdict per configuration (the last 20): a reprobe with a test device keeps the real one
-    keep = dict(sorted(entries.items(), key=lambda kv: float(kv[1].get("probed_at") or 0))[-20:])
+    keep = dict(sorted(entries.items(), key=lambda kv: float(kv[1]["probed_at"]))[-20:])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"verdicts": keep}, indent=1))

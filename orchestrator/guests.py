@@ -286,11 +286,6 @@ def write_customization(ctx: Context, g: Guest) -> None:
     files.put(CONFIG_DRIVE, tmp)
 
 
-def console_text(ctx: Context, g: Guest) -> str:
-    """The guest's console log (read through libvirt when the guest is on another host)."""
-    return g.files(ctx).read_text(CONSOLE)
-
-
 USER_MODE_MAC = "52:54:00:12:34:56"
 
 

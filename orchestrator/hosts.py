@@ -39,7 +39,7 @@ from .host import qemu_img
 from .host.domain import retarget_saved_state, saved_header
 from .host.libvirt import Hypervisor
 from .images import catalog
-from .settings import URI_RE, qemu_gid
+from .settings import host_uri_ok, qemu_gid
 from .validate import NAME_RE, short
 from .validate import name as valid_name
 
@@ -63,7 +63,7 @@ class Host:
 
     def validate(self, what: str = "host") -> Host:
         valid_name(self.name, f"{what} name")
-        if not isinstance(self.uri, str) or not URI_RE.match(self.uri) or len(self.uri) > 400:
+        if not host_uri_ok(self.uri):
             raise ValidationError(f"{what} {self.name}: uri {short(self.uri)} is not a libvirt URI such as "
                                   "qemu+ssh://root@HOST/system")
         if (not isinstance(self.root, str) or not ROOT_RE.match(self.root) or ".." in self.root.split("/")):
@@ -154,7 +154,17 @@ def home_id(ctx: Context) -> str:
 
 
 def pool_name(ctx: Context, kind: str, name: str) -> str:
-    return f"osimg-{home_id(ctx)}-{kind}-{name}"
+    return _pool_name(home_id(ctx), kind, name)
+
+
+def _pool_name(home: str, kind: str, name: str) -> str:
+    """``kind`` "i" (an image's pool) or "g" (a guest's), of the home whose id is ``home``."""
+    return f"osimg-{home}-{kind}-{name}"
+
+
+def _hv(ctx: Context, h: Host) -> Hypervisor:
+    """The connection to a host whose record is already read (``context`` reads it again)."""
+    return ctx.child(h.uri, h.accel).hv
 
 
 def folder(ctx: Context, h: Host, kind: str, name: str) -> str:
@@ -164,7 +174,7 @@ def folder(ctx: Context, h: Host, kind: str, name: str) -> str:
 def ensure_pool(ctx: Context, h: Host, kind: str, name: str) -> tuple[Hypervisor, str]:
     """The pool (and its folder under the host's root) of an image or guest, made if missing; once
     per process per pool. Returns the host's handle and the pool's name."""
-    hv = context(ctx, h.name).hv
+    hv = _hv(ctx, h)
     pool = pool_name(ctx, kind, name)
     if (h.uri, h.root) not in _ensured:
         hv.make_dir(h.root, qemu_gid())
@@ -278,7 +288,7 @@ class PoolFiles:
         # the memory body is copied on the host from its verified copy of the golden state; only the
         # header with this guest's identity goes over the connection
         self.hv.vol_delete(self.pool, name)
-        self.hv.vol_clone(self.pool, name, f"osimg-{self.home}-i-{golden.parent.name}", golden.name)
+        self.hv.vol_clone(self.pool, name, _pool_name(self.home, "i", golden.parent.name), golden.name)
         with tempfile.NamedTemporaryFile(prefix="osimg-header-") as f:
             f.write(header)
             f.flush()
@@ -298,10 +308,15 @@ _ensured: set[tuple[str, str]] = set()  # (uri, pool or root) this process made 
 
 
 def remove_guest_files(ctx: Context, host: str, guest: str) -> None:
+    _drop_pool(ctx, host, "g", guest)
+
+
+def _drop_pool(ctx: Context, host: str, kind: str, name: str) -> None:
+    """Remove an image's or a guest's pool, with its files, from a host."""
     h = get(ctx, host)
-    pool = pool_name(ctx, "g", guest)
+    pool = pool_name(ctx, kind, name)
     _ensured.discard((h.uri, pool))
-    context(ctx, host).hv.pool_remove(pool)
+    _hv(ctx, h).pool_remove(pool)
 
 
 # -- images on hosts -------------------------------------------------------------------------------------
@@ -381,10 +396,7 @@ def having(ctx: Context, image: str) -> list[str]:
 
 def unship(ctx: Context, host: str, image: str) -> None:
     """Remove an image's pool (and its files) from a host, then its record."""
-    h = get(ctx, host)
-    pool = pool_name(ctx, "i", image)
-    _ensured.discard((h.uri, pool))
-    context(ctx, host).hv.pool_remove(pool)
+    _drop_pool(ctx, host, "i", image)
     ctx.store.delete(SHIPPED, shipped_key(host, image))
 
 

@@ -29,6 +29,12 @@ RECIPES_DIR = SOURCE_ROOT / "images"
 DEFAULT_CACHE = "/var/cache/osimg"  # FHS: regenerable data of a root tool, shared by every checkout
 QEMU_USER = "libvirt-qemu"  # Debian's user for libvirt's QEMU processes
 URI_RE = re.compile(r"^[a-z][a-z0-9+]*:///?[^\s]*$")
+MAX_URI = 400  # a host's URI in a record or a fleet spec
+
+
+def host_uri_ok(uri: object) -> bool:
+    """A libvirt URI as a host record or a fleet spec's ``hosts:`` may name it."""
+    return isinstance(uri, str) and URI_RE.match(uri) is not None and len(uri) <= MAX_URI
 PSEUDO_FS = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 

@@ -316,6 +316,22 @@ def _swap_cli(g: guests.Guest, target: str, strategy: str, spec: str | None = No
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+def _warm_swap_in_store(ctx: Context, g: guests.Guest, url: str, step: str) -> subprocess.Popen[str]:
+    """A warm swap of ``g`` by the CLI with the cluster store at ``url`` (the image catalog, which lives
+    in the store too, copied there first), returned once its journal there shows ``step`` or it ended."""
+    with open_store(url) as store:
+        for name, rec in ctx.store.items(catalog.KIND):
+            store.put(catalog.KIND, name, rec)
+        proc = _swap_cli(g, V2 if g.image == V1 else V1, "warm", store=["--store", url])
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            rec = store.get(swap.journal.KIND, g.name)
+            if rec and rec.get("step") == step:
+                break
+            time.sleep(0.02)
+    return proc
+
+
 @pytest.mark.guest
 @pytest.mark.parametrize(("strategy", "sig", "at"), [("warm", signal.SIGTERM, "paged-out"),
                                                      ("cold", signal.SIGINT, "stopping")])
@@ -382,24 +398,16 @@ def test_killing_one_etcd_member_mid_swap_does_not_fail_it(
     url = etcd_cluster.store_url(f"crash-{RUN_ID}-member-{lost}")
     g = guests.load(ctx, crash_guests["warm"].name)
     history = _history(ctx, g, add="before-member-killed")
+    proc = _warm_swap_in_store(ctx, g, url, "paged-out")
+    assert proc.poll() is None, "the swap ended before the member could be killed"
+    leader = etcd_cluster.leader()
+    victim = 1 if lost == "first" else leader
+    etcd_cluster.kill(victim)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, err)
+    [r] = json.loads(out)
+    assert r["ok"], r
     with open_store(url) as store:
-        for name, rec in ctx.store.items(catalog.KIND):  # the image catalog lives in the store too
-            store.put(catalog.KIND, name, rec)
-        proc = _swap_cli(g, V2 if g.image == V1 else V1, "warm", store=["--store", url])
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            rec = store.get(swap.journal.KIND, g.name)
-            if rec and rec.get("step") == "paged-out":
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the swap ended before the member could be killed"
-        leader = etcd_cluster.leader()
-        victim = 1 if lost == "first" else leader
-        etcd_cluster.kill(victim)
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, err)
-        [r] = json.loads(out)
-        assert r["ok"], r
         assert store.get(swap.journal.KIND, g.name) is None, "the journal entry was left"
     print(f"\n[measure] member {victim} ({'the leader' if leader == victim else 'a follower'}) killed at paged-out: "
           f"the swap finished, downtime {r.get('downtime_s', r.get('downtime', '?'))}")
@@ -422,18 +430,8 @@ def test_store_down_longer_than_the_lease_stops_the_swap_where_it_stands(
     url = f"etcd://127.0.0.1:{port}/crash-{RUN_ID}"
     g = guests.load(ctx, crash_guests["warm"].name)
     history = _history(ctx, g, add="before-etcd-down")
-    with open_store(url) as etcd:  # the image catalog lives in the store too
-        for name, rec in ctx.store.items(catalog.KIND):
-            etcd.put(catalog.KIND, name, rec)
     try:
-        proc = _swap_cli(g, V2 if g.image == V1 else V1, "warm", store=["--store", url])
-        with open_store(url) as watcher:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and proc.poll() is None:
-                rec = watcher.get(swap.journal.KIND, g.name)
-                if rec and rec.get("step") == "paged-out":
-                    break
-                time.sleep(0.02)
+        proc = _warm_swap_in_store(ctx, g, url, "paged-out")
         os.kill(etcd_pid, signal.SIGSTOP)
         time.sleep(swap.journal.LOCK_TTL + 3)
         os.kill(etcd_pid, signal.SIGCONT)

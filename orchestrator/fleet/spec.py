@@ -27,6 +27,7 @@ from ..context import Context
 from ..customize import Carry, Customization, Mount, Quiesce, User
 from ..errors import NotFoundError, OsimgError, ValidationError
 from ..images import catalog
+from ..settings import URI_RE, host_uri_ok
 from ..validate import NAME_RE, load_yaml_file, parse_size, short
 from ..validate import name as valid_name
 
@@ -35,7 +36,6 @@ USER = "user"
 LIBVIRT = "libvirt"
 DEFAULT_NETWORK = "user"
 DEFAULT_SUBNET = "10.0.2.0/24"
-URI_RE = re.compile(r"^[a-z][a-z0-9+]*://[^\s]*$")
 
 TOP_KEYS = ("name", "uri", "hosts", "networks", "defaults", "guests")
 HOST_KEYS = ("uri", "root", "accel")
@@ -204,7 +204,7 @@ def _hosts(r: _Reader, raw: Any) -> dict[str, dict[str, str]]:
             raise r.error(key, "expected a host name of letters, digits, '.', '_' and '-'")
         h = r.mapping(value, key, HOST_KEYS, required=("uri",))
         uri = h["uri"]
-        if not isinstance(uri, str) or not URI_RE.match(uri) or len(uri) > 400:
+        if not host_uri_ok(uri):
             raise r.error(f"{key}.uri", f"expected a libvirt URI such as qemu+ssh://root@HOST/system, got {short(uri)}")
         entry = {"uri": uri}
         if h.get("root") is not None:

@@ -666,20 +666,9 @@ def saved_header(src: Path, xml: str) -> bytes:
     NUL, migration cookie, NUL, zero padding up to ``data_len``, then QEMU's migration stream,
     which is copied unchanged in the kernel (copy_file_range).
     """
-    with open(src, "rb") as f:
-        head = f.read(SAVE_HEADER.size)
-        if len(head) < SAVE_HEADER.size:
-            raise HypervisorError(f"{src}: truncated save file (header of {len(head)} bytes)")
-        magic, version, data_len, was_running, compressed, cookie_off = SAVE_HEADER.unpack(head)
-        if magic != SAVE_MAGIC or version != SAVE_VERSION:
-            raise HypervisorError(f"{src}: not a libvirt save file of a known version "
-                                  f"({short(magic)} v{version}; expected {SAVE_MAGIC.decode()} v{SAVE_VERSION})")
-        data = f.read(data_len)
-        if len(data) < data_len:
-            raise HypervisorError(f"{src}: truncated save file ({len(data)} of {data_len} header bytes)")
-        stream_len = os.fstat(f.fileno()).st_size - SAVE_HEADER.size - data_len
-        if stream_len <= 0:
-            raise HypervisorError(f"{src}: truncated save file (no migration stream after the header)")
+    (magic, version, data_len, was_running, compressed, cookie_off), data = _read_save_header(src)
+    if os.stat(src).st_size - SAVE_HEADER.size - data_len <= 0:
+        raise HypervisorError(f"{src}: truncated save file (no migration stream after the header)")
     if cookie_off >= data_len:
         raise HypervisorError(f"{src}: cookie offset {cookie_off} lies outside the {data_len}-byte header")
     cookie = data[cookie_off:].split(b"\0", 1)[0] if cookie_off else b""
@@ -698,15 +687,27 @@ def saved_header(src: Path, xml: str) -> bytes:
 def saved_domain_xml(src: Path) -> str:
     """The domain XML inside a save file, read locally (``Hypervisor.saved_xml`` asks a libvirtd,
     which reads the file on its own host)."""
+    _, data = _read_save_header(src)
+    return data.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+
+
+def _read_save_header(src: Path) -> tuple[tuple[bytes, int, int, int, int, int], bytes]:
+    """A save file's libvirt header fields and its XML area (``data_len`` bytes), checked: whole, of a
+    known version, an XML area of at most 16 MiB."""
     with open(src, "rb") as f:
         head = f.read(SAVE_HEADER.size)
         if len(head) < SAVE_HEADER.size:
             raise HypervisorError(f"{src}: truncated save file (header of {len(head)} bytes)")
-        magic, version, data_len, _, _, _ = SAVE_HEADER.unpack(head)
+        fields = SAVE_HEADER.unpack(head)
+        magic, version, data_len = fields[:3]
         if magic != SAVE_MAGIC or version != SAVE_VERSION or not 0 < data_len <= 1 << 24:
-            raise HypervisorError(f"{src}: not a libvirt save file of a known version")
+            raise HypervisorError(f"{src}: not a libvirt save file of a known version "
+                                  f"({short(magic)} v{version}, XML area of {data_len} bytes; expected "
+                                  f"{SAVE_MAGIC.decode()} v{SAVE_VERSION})")
         data = f.read(data_len)
-    return data.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+    if len(data) < data_len:
+        raise HypervisorError(f"{src}: truncated save file ({len(data)} of {data_len} header bytes)")
+    return fields, data
 
 
 def retarget_saved_state(src: Path, dst: Path, xml: str) -> None:

@@ -445,18 +445,13 @@ class Hypervisor:
             self.destroy(name)
             log.unlink(missing_ok=True)
 
-
-
     # -- storage pools and volumes (how files reach a host without a shared file system) ------------
     def pool_ensure(self, name: str, path: str, gid: int | None) -> None:
         """A running directory pool ``name`` at ``path`` on this host (made, built and started if
         missing): libvirtd creates the folder there, 0750 root and QEMU's group ``gid``."""
         with self._calling(f"storage pool {name}"):
-            try:
-                pool = self.conn.storagePoolLookupByName(name)
-            except libvirt.libvirtError as err:
-                if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
-                    raise
+            pool = self._pool(name)
+            if pool is None:
                 pool = self.conn.storagePoolDefineXML(pool_xml(name, path, gid), 0)
                 pool.build(0)
             if not pool.isActive():
@@ -475,12 +470,9 @@ class Hypervisor:
     def pool_remove(self, name: str) -> None:
         """Delete a pool's volumes, its folder and its definition; a missing pool is no error."""
         with self._calling(f"storage pool {name}"):
-            try:
-                pool = self.conn.storagePoolLookupByName(name)
-            except libvirt.libvirtError as err:
-                if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
-                    return
-                raise
+            pool = self._pool(name)
+            if pool is None:
+                return
             if not pool.isActive():
                 pool.create(0)
             pool.refresh(0)
@@ -494,6 +486,15 @@ class Hypervisor:
     def pool_path(self, name: str) -> str:
         with self._calling(f"storage pool {name}"):
             return str(self.conn.storagePoolLookupByName(name).XMLDesc(0)).split("<path>", 1)[1].split("</path>", 1)[0]
+
+    def _pool(self, name: str) -> libvirt.virStoragePool | None:
+        """The pool, or None if this host has none of that name (any other failure raises)."""
+        try:
+            return self.conn.storagePoolLookupByName(name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+                return None
+            raise
 
     def _vol(self, pool: str, vol: str, refresh: bool = False) -> libvirt.virStorageVol | None:
         p = self.conn.storagePoolLookupByName(pool)
