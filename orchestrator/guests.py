@@ -459,9 +459,11 @@ def remove(ctx: Context, name: str) -> None:
     with contextlib.suppress(OsimgError):  # a broken record still lets its guest go
         host = load(ctx, name).host
     if host is not None:
+        # its domain is on its host only: a domain of that name here is another home's (or nobody's) to remove
         hosts.context(ctx, host).hv.undefine(name)
         hosts.remove_guest_files(ctx, host, name)
-    ctx.hv.undefine(name)
+    else:
+        ctx.hv.undefine(name)
     shutil.rmtree(gdir, ignore_errors=True)
 
 

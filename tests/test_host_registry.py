@@ -4,13 +4,14 @@ the hash check and guests on a second host are proven by tests/test_hosts.py wit
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from orchestrator import hosts, swap
+from orchestrator import guests, hosts, swap
 from orchestrator.context import Context
 from orchestrator.errors import ConflictError, NotFoundError, StorageError, ValidationError
 from orchestrator.fleet import reconcile
@@ -43,6 +44,30 @@ def test_hosts_are_kept_in_the_store_and_checked_as_data(ctx: Context) -> None:
     hosts.remove(ctx, "b", [])
     with pytest.raises(NotFoundError, match="no host named 'b'"):
         hosts.get(ctx, "b")
+
+
+def test_removing_a_guest_of_another_host_leaves_a_domain_of_its_name_here(ctx: Context, tmp_path: Path) -> None:
+    """A guest on host b is removed there, and the removal is whole; this host's domain of the same
+    name (another home's, say) is not touched (osimg's destroy refused it, so the removal stopped
+    half-way: domain and pool on b gone, the record left). Host b is a test driver of its own (a node
+    file), this host test:///default."""
+    node = tmp_path / "node.xml"
+    node.write_text("<node><cpu><mhz>2000</mhz></cpu><memory>8388608</memory></node>\n")
+    hosts.add(ctx, "b", f"test://{node}")
+    assert ctx.hv.exists("test")  # the test driver's own domain, here
+    none = ctx.settings.home / "images" / "none"
+    rec = {"name": "test", "image": "tiny:v1", "base": f"{none}/disk.qcow2", "kernel": f"{none}/vmlinuz",
+           "initrd": f"{none}/initrd.img",
+           "cmdline": "", "host_key": "ssh-ed25519 AAAA", "os_version": "v1", "family": "tiny", "memory_mib": 256,
+           "vcpus": 1, "accel": "qemu", "uuid": "0b3c3c1e-9d55-4d1d-8a8e-6b0f0e0f0e0f", "mac": "52:54:00:12:34:56",
+           "ssh_port": 1, "app_port": 2, "guest_app_port": 8080, "ready_marker": "OSIMG-READY", "host": "b"}
+    ctx.settings.ensure_dirs()
+    (ctx.settings.guests_dir / "test").mkdir()
+    (ctx.settings.guests_dir / "test" / "guest.json").write_text(json.dumps(rec))
+    assert guests.load(ctx, "test").host == "b"
+    guests.remove(ctx, "test")
+    assert not (ctx.settings.guests_dir / "test").exists()
+    assert ctx.hv.exists("test") and ctx.hv.is_active("test"), "a domain of this host was removed"
 
 
 def test_a_host_with_guests_is_not_removed(ctx: Context) -> None:
